@@ -45,3 +45,36 @@ def test_accuracy_picks_the_option_with_the_highest_likelihood(tiny_model):
         predictions.append(r.options[max(range(2), key=scores.__getitem__)])
     expected = sum(p == r.response for p, r in zip(predictions, records, strict=True)) / 2
     assert evaluate_accuracy(model, tok, records)["accuracy"] == pytest.approx(expected)
+
+
+def test_option_scores_with_shared_prompts_equal_scoring_each_option_alone(tiny_model):
+    """The prompt runs once per record (KV cache): the scores must equal those of each
+    (prompt, option) example scored on its own, for options of several tokens and records
+    with different numbers of options; evaluate()'s loss must equal evaluate_loss()."""
+    import torch
+
+    from fedhet.client.evaluate import evaluate, evaluate_loss, option_nll
+    from fedhet.client.loss import target_nll
+    from fedhet.data import Record, encode
+    from fedhet.data.encode import collate
+
+    model, tok = tiny_model
+    records = [
+        Record("Topic of: stocks fell sharply", "business", options=("world", "sports",
+               "business", "science and technology")),
+        Record("Is this positive? great film", "positive", context="A long review " * 5,
+               options=("negative", "positive")),
+        Record("Pick one", "b c d", options=("a", "b c d", "e f")),
+    ]
+    scores = option_nll(model, tok, records, max_length=48, batch_size=4)
+    for record, per_option in zip(records, scores, strict=True):
+        assert len(per_option) == len(record.options)
+        for option, (nll_sum, count) in zip(record.options, per_option, strict=True):
+            (ex,) = encode([Record(record.instruction, option, record.context)], tok, 48)
+            with torch.no_grad():
+                nll, _ = target_nll(model, collate([ex], tok.pad_token_id))
+            assert count == nll.numel()
+            assert nll_sum == pytest.approx(nll.sum().item(), rel=1e-5, abs=1e-5)
+    got = evaluate(model, tok, records, "accuracy", max_length=48, batch_size=2)
+    want = evaluate_loss(model, encode(records, tok, 48), pad_id=tok.pad_token_id)
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)

@@ -20,10 +20,12 @@ import re
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from rouge_score import rouge_scorer
+from transformers import DynamicCache
 
 from fedhet.client.loss import target_nll
-from fedhet.data.encode import Example, batches, collate, encode, format_prompt
+from fedhet.data.encode import IGNORE_INDEX, Example, batches, encode, format_prompt
 from fedhet.data.records import Record
 
 METRICS = ("loss", "accuracy", "exact_match", "rouge")
@@ -51,6 +53,96 @@ def evaluate_loss(
 
 
 @torch.no_grad()
+def option_nll(
+    model: torch.nn.Module,
+    tokenizer,
+    records: Sequence[Record],
+    *,
+    max_length: int = 128,
+    batch_size: int = 16,
+) -> list[list[tuple[float, int]]]:
+    """Per record, per label option: (summed NLL of the option's tokens and closing EOS,
+    number of those tokens), the option given as the complete response.
+
+    The options of a record share their prompt, so the prompt is run once: each distinct
+    prompt (an encoded example's tokens before its first target) goes through the decoder
+    left-padded with its KV cache kept, then every option's tokens run on a copy of its
+    prompt's cache (``DynamicCache.batch_select_indices``) at the positions that follow. The
+    result equals scoring each (prompt, option) example on its own (up to float
+    rounding), at the cost of one pass over the prompts instead of one per option.
+    """
+    pairs = [Record(r.instruction, o, r.context, r.category) for r in records for o in r.options]
+    examples = encode(pairs, tokenizer, max_length)
+    offsets = [0]
+    for r in records:
+        offsets.append(offsets[-1] + len(r.options))
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    device = next(model.parameters()).device
+    per_chunk = max(1, batch_size // max(len(r.options) for r in records))
+    scores: list[tuple[float, int]] = []
+    for start in range(0, len(records), per_chunk):
+        chunk = examples[offsets[start] : offsets[min(start + per_chunk, len(records))]]
+        scores.extend(_score_after_prompts(causal_lm, chunk, tokenizer.pad_token_id, device))
+    return [scores[offsets[i] : offsets[i + 1]] for i in range(len(records))]
+
+
+def _score_after_prompts(
+    causal_lm: torch.nn.Module, examples: Sequence[Example], pad_id: int, device: torch.device
+) -> list[tuple[float, int]]:
+    """(summed NLL, target count) per example, each distinct prompt (the tokens before
+    the first target, at least one) run once with its KV cache kept."""
+    prompt_len = [
+        max(1, next(t for t, label in enumerate(e.labels) if label != IGNORE_INDEX))
+        for e in examples
+    ]
+    keys = [tuple(e.input_ids[:n]) for e, n in zip(examples, prompt_len, strict=True)]
+    distinct = list(dict.fromkeys(keys))
+    owner = [distinct.index(k) for k in keys]
+    width = max(len(p) for p in distinct)
+    ids = torch.full((len(distinct), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(distinct), width), dtype=torch.long)
+    for i, p in enumerate(distinct):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    cache = DynamicCache()
+    head = causal_lm.model(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=(mask.cumsum(1) - 1).clamp(min=0).to(device),
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state[:, -1]
+    rows = torch.tensor(owner, dtype=torch.long)
+    cache.batch_select_indices(rows.to(device))
+    tails = [len(e.input_ids) - n for e, n in zip(examples, prompt_len, strict=True)]
+    tail_width = max(1, *tails)
+    tail_ids = torch.full((len(examples), tail_width), pad_id, dtype=torch.long)
+    tail_mask = torch.zeros((len(examples), tail_width), dtype=torch.long)
+    labels = torch.full((len(examples), tail_width), IGNORE_INDEX, dtype=torch.long)
+    for k, (e, n, tail) in enumerate(zip(examples, prompt_len, tails, strict=True)):
+        tail_ids[k, :tail] = torch.tensor(e.input_ids[n:], dtype=torch.long)
+        tail_mask[k, :tail] = 1
+        labels[k, :tail] = torch.tensor(e.labels[n:], dtype=torch.long)
+    tail_hidden = causal_lm.model(
+        input_ids=tail_ids.to(device),
+        attention_mask=torch.cat([mask[rows], tail_mask], dim=1).to(device),
+        position_ids=(torch.tensor(prompt_len).unsqueeze(1) + torch.arange(tail_width)).to(device),
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state
+    # the state predicting tail token j: the prompt's last state for j = 0, else tail j - 1
+    predictors = torch.cat([head[rows.to(device)].unsqueeze(1), tail_hidden[:, :-1]], dim=1)
+    labels = labels.to(device)
+    keep = labels != IGNORE_INDEX
+    nll = F.cross_entropy(
+        causal_lm.lm_head(predictors[keep]).float(), labels[keep], reduction="none"
+    )
+    per_row = torch.zeros(len(examples), dtype=torch.float64, device=device)
+    per_row.index_add_(0, keep.nonzero()[:, 0], nll.double())
+    counts = keep.sum(1)
+    return [(float(v), int(c)) for v, c in zip(per_row.tolist(), counts.tolist(), strict=True)]
+
+
 def evaluate_accuracy(
     model: torch.nn.Module,
     tokenizer,
@@ -59,29 +151,26 @@ def evaluate_accuracy(
     max_length: int = 128,
     batch_size: int = 16,
 ) -> dict[str, float]:
-    """Accuracy by the label options' summed log-likelihood (module docstring)."""
+    """Accuracy by the label options' summed log-likelihood (module docstring) and, when
+    every record's response is one of its options, the loss on the responses (the gold
+    options' scores: the same tokens :func:`evaluate_loss` would score)."""
     scored = [r for r in records if r.options]
     if not scored:
         raise ValueError("accuracy needs records with label options")
-    pairs = [
-        Record(r.instruction, option, r.context, r.category) for r in scored for option in r.options
-    ]
-    examples = encode(pairs, tokenizer, max_length)
-    pad_id = tokenizer.pad_token_id
-    device = next(model.parameters()).device
-    scores: list[float] = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        nll, rows = target_nll(model, collate(chunk, pad_id).to(device))
-        per_row = torch.zeros(len(chunk), device=device).index_add_(0, rows, -nll)
-        scores.extend(per_row.tolist())
-    correct, pos = 0, 0
-    for r in scored:
-        option_scores = scores[pos : pos + len(r.options)]
-        pos += len(r.options)
-        best = r.options[max(range(len(r.options)), key=option_scores.__getitem__)]
-        correct += best == r.response
-    return {"accuracy": correct / len(scored)}
+    per_record = option_nll(model, tokenizer, scored, max_length=max_length, batch_size=batch_size)
+    correct = 0
+    gold_nll, gold_tokens = 0.0, 0
+    for r, options in zip(scored, per_record, strict=True):
+        best = max(range(len(r.options)), key=lambda j: -options[j][0])
+        correct += r.options[best] == r.response
+        if r.response in r.options:
+            nll, count = options[r.options.index(r.response)]
+            gold_nll, gold_tokens = gold_nll + nll, gold_tokens + count
+    result = {"accuracy": correct / len(scored)}
+    if len(scored) == len(records) and all(r.response in r.options for r in records):
+        loss = gold_nll / max(1, gold_tokens)
+        result |= {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+    return result
 
 
 @torch.no_grad()
@@ -168,13 +257,17 @@ def evaluate(
         raise ValueError(f"unknown metric {metric!r}; known: {METRICS}")
     if not records:
         return {}
-    examples = encode(records, tokenizer, max_length)
-    result = evaluate_loss(model, examples, pad_id=tokenizer.pad_token_id, batch_size=batch_size)
     if metric == "accuracy":
-        result |= evaluate_accuracy(
+        result = evaluate_accuracy(
             model, tokenizer, records, max_length=max_length, batch_size=2 * batch_size
         )
-    elif metric in ("exact_match", "rouge"):
+        if "loss" in result:
+            return result
+    else:
+        result = {}
+    examples = encode(records, tokenizer, max_length)
+    result |= evaluate_loss(model, examples, pad_id=tokenizer.pad_token_id, batch_size=batch_size)
+    if metric in ("exact_match", "rouge"):
         preds = generate(
             model,
             tokenizer,
