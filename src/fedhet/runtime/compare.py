@@ -45,7 +45,7 @@ def protocol_reference(cfg: ExperimentConfig, fed: FederatedData) -> dict[str, f
     ``central`` (one adapter on the union of the clients' data, as many samples as
     the federated run: :meth:`Simulation.run_central`) and
     ``target = base + 0.9 · (central − base)`` (the global metric)."""
-    summary = Simulation(cfg, fed=fed).run_central().summary
+    summary = Simulation(cfg, fed=fed).run_central(every_chunk=False).summary
     base, central = summary["initial_global"], summary["final_global"]
     return {"base": base, "central": central, "target": base + 0.9 * (central - base)}
 
