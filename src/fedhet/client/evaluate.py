@@ -79,11 +79,20 @@ def option_nll(
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = next(model.parameters()).device
     per_chunk = max(1, batch_size // max(len(r.options) for r in records))
-    scores: list[tuple[float, int]] = []
-    for start in range(0, len(records), per_chunk):
-        chunk = examples[offsets[start] : offsets[min(start + per_chunk, len(records))]]
-        scores.extend(_score_after_prompts(causal_lm, chunk, tokenizer.pad_token_id, device))
-    return [scores[offsets[i] : offsets[i + 1]] for i in range(len(records))]
+    # records of similar length share a chunk (less padding); results go back in order
+    order = sorted(range(len(records)), key=lambda i: len(examples[offsets[i]].input_ids))
+    out: list[list[tuple[float, int]]] = [[] for _ in records]
+    for start in range(0, len(order), per_chunk):
+        chunk = order[start : start + per_chunk]
+        scores = _score_after_prompts(
+            causal_lm,
+            [e for i in chunk for e in examples[offsets[i] : offsets[i + 1]]],
+            tokenizer.pad_token_id,
+            device,
+        )
+        for i in chunk:
+            out[i], scores = scores[: len(records[i].options)], scores[len(records[i].options) :]
+    return out
 
 
 def _score_after_prompts(
@@ -109,7 +118,7 @@ def _score_after_prompts(
         input_ids=ids.to(device),
         attention_mask=mask.to(device),
         position_ids=(mask.cumsum(1) - 1).clamp(min=0).to(device),
-        past_key_values=cache,
+        cache=cache,
         use_cache=True,
     ).last_hidden_state[:, -1]
     rows = torch.tensor(owner, dtype=torch.long)
@@ -127,7 +136,7 @@ def _score_after_prompts(
         input_ids=tail_ids.to(device),
         attention_mask=torch.cat([mask[rows], tail_mask], dim=1).to(device),
         position_ids=(torch.tensor(prompt_len).unsqueeze(1) + torch.arange(tail_width)).to(device),
-        past_key_values=cache,
+        cache=cache,
         use_cache=True,
     ).last_hidden_state
     # the state predicting tail token j: the prompt's last state for j = 0, else tail j - 1
