@@ -6,7 +6,10 @@
   option o maximising Σ_t log p(o_t | prompt, o_<t) summed over the option's
   tokens and the closing EOS (the option as the complete answer, the way the
   model is trained to give it); accuracy is the
-  fraction where it equals ``record.response``.
+  fraction where it equals ``record.response``. Each prompt runs once, its options
+  continuing from its KV cache (:func:`option_nll`); when every response is one of
+  its record's options, the loss is read off the gold options' scores (the very tokens
+  the loss pass would score), so no separate loss pass runs.
 * ``exact_match``: greedy generation; the last number in the output compared
   numerically with ``record.answer`` (GSM8K's final number).
 * ``rouge``: ROUGE-L F1 (``rouge-score``, stemming on) between greedy
