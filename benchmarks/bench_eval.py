@@ -12,7 +12,8 @@ most 64 tokens):
   gold options.
 
 Both give the same accuracy and loss (the table shows the largest difference of an
-option's summed NLL). Times are wall seconds of one call after one warm-up call.
+option's summed NLL). Times are wall seconds of one call after a warm-up call on 8
+records.
 
     python benchmarks/bench_eval.py                  # SmolLM2-135M → RESULTS.md
     python benchmarks/bench_eval.py --model tiny --records 32 --out /tmp/bench_eval.md
@@ -55,10 +56,10 @@ def per_option(model, tok, records, max_length: int, batch_size: int):
     return {"accuracy": correct / len(records), "loss": loss}, scores
 
 
-def timed(fn):
-    fn()  # warm-up
+def timed(fn, records):
+    fn(records[:8])  # warm-up
     t0 = time.perf_counter()
-    out = fn()
+    out = fn(records)
     return out, time.perf_counter() - t0
 
 
@@ -78,9 +79,10 @@ def main() -> None:
     for source, split in (("sst2", "dev"), ("agnews", "test")):
         records = load_source(source, split=split, limit=args.records, seed=0)
         (old, old_scores), t_old = timed(
-            lambda r=records: per_option(model, tok, r, args.max_length, args.batch_size))
-        new, t_new = timed(lambda r=records: evaluate(
-            model, tok, r, "accuracy", max_length=args.max_length, batch_size=args.batch_size))
+            lambda r: per_option(model, tok, r, args.max_length, args.batch_size), records)
+        new, t_new = timed(lambda r: evaluate(
+            model, tok, r, "accuracy", max_length=args.max_length, batch_size=args.batch_size),
+            records)
         new_scores = option_nll(model, tok, records, max_length=args.max_length,
                                 batch_size=2 * args.batch_size)
         diff = max(abs(a - b[0]) for o, n in zip(old_scores, new_scores, strict=True)
@@ -103,8 +105,8 @@ def main() -> None:
         f"\n\nModel `{args.model}` with a freshly initialised LoRA adapter (r=8 on q,v: "
         f"B = 0, so the base model's scores), ≤ {args.max_length} tokens, batch "
         f"{args.batch_size} records (2× that many option examples), wall seconds of one call "
-        "after a warm-up call. The loss of `shared prompt` is read off the gold options; "
-        "`per-option` runs a separate loss pass, as evaluation did before."
+        "after a warm-up call on 8 records. The loss of `shared prompt` is read off the gold "
+        "options; `per-option` runs a separate loss pass, as evaluation did before."
     )
     path = write_section("bench_eval", "Accuracy evaluation: per-option passes vs a shared "
                          "prompt", body, args.out)
