@@ -30,6 +30,7 @@ from transformers import DynamicCache
 from fedhet.client.loss import target_nll
 from fedhet.data.encode import IGNORE_INDEX, Example, batches, encode, format_prompt
 from fedhet.data.records import Record
+from fedhet.model.base import base_causal_lm
 
 METRICS = ("loss", "accuracy", "exact_match", "rouge")
 
@@ -79,7 +80,7 @@ def option_nll(
     offsets = [0]
     for r in records:
         offsets.append(offsets[-1] + len(r.options))
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_lm = base_causal_lm(model)
     device = next(model.parameters()).device
     per_chunk = max(1, batch_size // max(len(r.options) for r in records))
     # records of similar length share a chunk (less padding); results go back in order
@@ -108,8 +109,8 @@ def _score_after_prompts(
         for e in examples
     ]
     keys = [tuple(e.input_ids[:n]) for e, n in zip(examples, prompt_len, strict=True)]
-    distinct = list(dict.fromkeys(keys))
-    owner = [distinct.index(k) for k in keys]
+    index = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+    distinct, owner = list(index), [index[k] for k in keys]
     width = max(len(p) for p in distinct)
     ids = torch.full((len(distinct), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(distinct), width), dtype=torch.long)
@@ -170,16 +171,16 @@ def evaluate_accuracy(
     if not scored:
         raise ValueError("accuracy needs records with label options")
     per_record = option_nll(model, tokenizer, scored, max_length=max_length, batch_size=batch_size)
-    correct = 0
-    gold_nll, gold_tokens = 0.0, 0
+    with_loss = len(scored) == len(records) and all(r.response in r.options for r in records)
+    correct, gold_nll, gold_tokens = 0, 0.0, 0
     for r, options in zip(scored, per_record, strict=True):
-        best = max(range(len(r.options)), key=lambda j: -options[j][0])
+        best = min(range(len(r.options)), key=lambda j: options[j][0])
         correct += r.options[best] == r.response
-        if r.response in r.options:
+        if with_loss:
             nll, count = options[r.options.index(r.response)]
             gold_nll, gold_tokens = gold_nll + nll, gold_tokens + count
     result = {"accuracy": correct / len(scored)}
-    if len(scored) == len(records) and all(r.response in r.options for r in records):
+    if with_loss:
         loss = gold_nll / max(1, gold_tokens)
         result |= {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
     return result

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fedhet.data.encode import IGNORE_INDEX, Batch
+from fedhet.model.base import base_causal_lm
 
 
 def target_nll(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,7 +27,7 @@ def target_nll(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torc
     ``batch.num_target_tokens`` minus the targets at position 0 (none in practice:
     a response follows a prompt).
     """
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_lm = base_causal_lm(model)
     hidden = causal_lm.model(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask
     ).last_hidden_state
@@ -36,3 +37,4 @@ def target_nll(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torc
     nll = F.cross_entropy(logits.float(), targets[keep], reduction="none")
     rows = keep.nonzero()[:, 0]
     return nll, rows
+

@@ -140,13 +140,17 @@ def _build_tiny_model(tokenizer: PreTrainedTokenizerBase) -> LlamaForCausalLM:
         return LlamaForCausalLM(config)
 
 
+def base_causal_lm(model: nn.Module) -> nn.Module:
+    """The model inside a PEFT wrapper (``model`` itself when it is not wrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The transformer blocks of a Llama-like model (``model.model.layers``), input to output.
 
     Accepts a bare ``*ForCausalLM``, its inner decoder, or a PEFT wrapper around either.
     """
-    if hasattr(model, "get_base_model"):  # peft.PeftModel
-        model = model.get_base_model()
+    model = base_causal_lm(model)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     layers = getattr(decoder, "layers", None)
     if not isinstance(layers, nn.ModuleList):
@@ -175,7 +179,7 @@ def model_info(model: nn.Module) -> dict[str, int]:
     length ``n``.
     """
     layers = decoder_layers(model)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_causal_lm(model)
     embedding = base.get_input_embeddings().weight
     head = base.get_output_embeddings().weight
     vocab_size, hidden_size = head.shape
