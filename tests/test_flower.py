@@ -288,8 +288,10 @@ def test_fedit_and_fedasync_on_flower_simulation(smoke_config, tmp_path):
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        # the default wait (300 s): Ray start-up and six model loads can take minutes
+        # on a loaded 2-core machine (120 s timed out with an experiment running)
         for cfg in (fedit, fedasync):
-            results.append(FlowerServer(cfg, grid, FlowerOptions(wait_timeout=120)).run())
+            results.append(FlowerServer(cfg, grid, FlowerOptions()).run())
 
     run_simulation(
         app,
