@@ -37,4 +37,3 @@ def target_nll(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torc
     nll = F.cross_entropy(logits.float(), targets[keep], reduction="none")
     rows = keep.nonzero()[:, 0]
     return nll, rows
-
