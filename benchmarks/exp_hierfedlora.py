@@ -161,7 +161,8 @@ def main() -> None:
             "wall": time.perf_counter() - started,
         }
     started = time.perf_counter()
-    central = Simulation(central_cfg, data_dir=args.data_dir, fed=fed).run_central()
+    central_sim = Simulation(central_cfg, data_dir=args.data_dir, fed=fed)
+    central = central_sim.run_central(every_chunk=False)
     central_wall = time.perf_counter() - started
 
     base_value = results["fedit"]["summary"]["initial_global"]
