@@ -17,11 +17,12 @@ Runs, on the identical federated data, devices and availability draws:
 * ``central``: one adapter on the union of the data (``Simulation.run_central``
   with the FedIT config), for the target.
 
-Target (PROTOCOL.md): base + 0.9 × (central − base), base = the round-0
-accuracy. Time to target = virtual time of the first evaluation at or above
-it. Reported per method: final global accuracy, final local accuracy (mean ±
-std), virtual time to target, total virtual time, device ↔ server/group bytes,
-group ↔ server bytes, updates applied, wall time; for HierFedLoRA the groups
+Target (PROTOCOL.md, :func:`fedhet.runtime.compare.protocol_reference`):
+base + 0.9 × (central − base), base = the initial adapter's accuracy. Time to
+target = virtual time of the first evaluation at or above it. Reported per
+method: final global accuracy, final local accuracy (mean ± std), virtual time
+to target, total virtual time, device ↔ server/group bytes, group ↔ server
+bytes, updates applied, wall time; for HierFedLoRA the groups
 (size, KL to the global label distribution, non-IID degree δ_g) and the
 (τ_g, d_g) chosen at each re-plan, and the KL grouping's objective against
 balanced random groupings.
@@ -44,6 +45,7 @@ from fedhet.client.evaluate import result_key
 from fedhet.config import ExperimentConfig, load_config
 from fedhet.data.federated import build_federated_data
 from fedhet.reports.results import write_section
+from fedhet.runtime.compare import protocol_reference
 from fedhet.runtime.sim import Simulation
 from fedhet.strategies.grouping import kl_to, objective, random_groups
 
@@ -161,13 +163,9 @@ def main() -> None:
             "wall": time.perf_counter() - started,
         }
     started = time.perf_counter()
-    central_sim = Simulation(central_cfg, data_dir=args.data_dir, fed=fed)
-    central = central_sim.run_central(every_chunk=False)
+    ref = protocol_reference(central_cfg, fed)
     central_wall = time.perf_counter() - started
-
-    base_value = results["fedit"]["summary"]["initial_global"]
-    central_value = central.summary["final_global"]
-    target = base_value + 0.9 * (central_value - base_value)
+    base_value, central_value, target = ref["base"], ref["central"], ref["target"]
     # else the target is reached at round 0 (loss: lower is better)
     comparable = (central_value - base_value) * (-1 if key == "loss" else 1) > 0
     for r in results.values():
