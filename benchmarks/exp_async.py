@@ -25,11 +25,20 @@ plot of the global metric vs virtual time and vs client updates.
     python benchmarks/exp_async.py --config configs/s-cls-cpu.yaml            # → RESULTS.md
     python benchmarks/exp_async.py --config configs/s-cls-smoke.yaml \\
         --set output_dir=/tmp/runs --out /tmp/exp_async.md                      # smoke
+
+``--reuse`` takes a method's (or the central reference's) figures from its run
+directory when that holds a finished run of exactly the same config, instead of
+running it again. So seeds can run as separate processes (side by side, one thread
+each) and one last ``--reuse`` call over all of them writes the table; a comparison
+that was stopped resumes at the first unfinished run. The section (and its plot) is
+named after the scenario and the seeds, so runs over different seeds do not replace
+each other.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -43,10 +52,11 @@ import numpy as np  # noqa: E402
 
 from fedhet.config import ExperimentConfig, load_config  # noqa: E402
 from fedhet.data.federated import FederatedData, build_federated_data  # noqa: E402
+from fedhet.devices.profiles import Fleet, load_fleet  # noqa: E402
 from fedhet.reports.plots import save_figure
 from fedhet.reports.results import RESULTS, write_section  # noqa: E402
 from fedhet.runtime.compare import protocol_reference
-from fedhet.runtime.sim import RunResult, Simulation  # noqa: E402
+from fedhet.runtime.sim import Simulation  # noqa: E402
 from fedhet.strategies import STRATEGIES  # noqa: E402
 
 SECTION = "exp_async"
@@ -68,33 +78,59 @@ def method_config(base: ExperimentConfig, method: str, seed: int, target: float 
     return cfg
 
 
-def run_seed(base: ExperimentConfig, fed: FederatedData, seed: int, methods: list[str]):
+def finished_run(cfg: ExperimentConfig) -> tuple[dict, list[dict]] | None:
+    """(summary, metrics rows) of a finished run of exactly ``cfg`` in its run
+    directory, or None (``--reuse``; module docstring)."""
+    run_dir = cfg.run_dir
+    if not (run_dir / "summary.json").is_file():
+        return None
+    if load_config(run_dir / "config.yaml").model_dump() != cfg.model_dump():
+        return None
+    rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return json.loads((run_dir / "summary.json").read_text()), [json.loads(r) for r in rows]
+
+
+def reference(cfg: ExperimentConfig, fed: FederatedData, reuse: bool) -> dict[str, float]:
+    """PROTOCOL.md's base, central and target, from a finished central run when reused."""
+    done = finished_run(cfg) if reuse else None
+    if done is None:
+        return protocol_reference(cfg, fed)
+    base, central = done[0]["initial_global"], done[0]["final_global"]
+    return {"base": base, "central": central, "target": base + 0.9 * (central - base)}
+
+
+def run_seed(
+    base: ExperimentConfig, fed: FederatedData, seed: int, methods: list[str], reuse: bool
+):
     """Central reference, then every method; returns (reference, {method: run}), a run
     being its summary, metrics rows and device shares (the simulation is let go: it
     holds a base model)."""
     cfg = method_config(base, SYNC, seed, None)
     cfg.name = f"{base.name}/central-seed{seed}"
-    ref = protocol_reference(cfg, fed)
+    ref = reference(cfg, fed, reuse)
+    fleet = load_fleet(base.fleet.name, len(fed.clients), seed)
     runs = {}
     for method in methods:
-        sim = Simulation(method_config(base, method, seed, ref["target"]), fed=fed)
-        result = sim.run()
+        cfg = method_config(base, method, seed, ref["target"])
+        done = finished_run(cfg) if reuse else None
+        if done is None:
+            result = Simulation(cfg, fed=fed).run()
+            done = result.summary, result.metrics
+        summary, metrics = done
         runs[method] = {
-            "summary": result.summary,
-            "metrics": result.metrics,
-            "shares": device_shares(result, sim),
+            "summary": summary,
+            "metrics": metrics,
+            "shares": device_shares(metrics, fleet),
         }
-        print(method, seed, result.summary, flush=True)
+        print(method, seed, summary, flush=True)
     return ref, runs
 
 
-def device_shares(result: RunResult, sim: Simulation) -> dict[str, float]:
+def device_shares(metrics: list[dict], fleet: Fleet) -> dict[str, float]:
     """Share of the delivered asynchronous updates per device class (empty for sync,
     whose rows do not name clients: it samples uniformly among the online ones)."""
     counts = Counter(
-        sim.fleet[row["client"]].name
-        for row in result.metrics
-        if "client" in row and "staleness" in row
+        fleet[row["client"]].name for row in metrics if "client" in row and "staleness" in row
     )
     total = sum(counts.values())
     return {name: n / total for name, n in counts.items()} if total else {}
@@ -171,13 +207,13 @@ def table(
     return lines
 
 
-def verdict(per_seed: list[tuple[dict, dict]], metric: str) -> str:
+def verdict(seeds: list[int], per_seed: list[tuple[dict, dict]], metric: str) -> str:
     """The issue's claim: FedFa reaches the target ≥ 3× sooner than FedIT, final within 1 point."""
     if not all({"fedfa", SYNC} <= set(runs) for _, runs in per_seed):
         return "FedFa vs FedIT: not both run."
     points = 100.0 if metric == "accuracy" else 1.0
     parts = []
-    for seed_idx, (_, runs) in enumerate(per_seed):
+    for seed, (_, runs) in zip(seeds, per_seed, strict=True):
         fa, it = runs["fedfa"]["summary"], runs[SYNC]["summary"]
         gap = (fa["final_global"] - it["final_global"]) * points
         t_fa, t_it = fa["time_to_target"], it["time_to_target"]
@@ -192,7 +228,7 @@ def verdict(per_seed: list[tuple[dict, dict]], metric: str) -> str:
             "" if metric != "accuracy" else f" ({'within' if gap >= -1 else 'outside'} 1 point)"
         )
         parts.append(
-            f"seed {seed_idx}: speed-up {speed} ({'meets' if fast else 'misses'} ≥ 3×), "
+            f"seed {seed}: speed-up {speed} ({'meets' if fast else 'misses'} ≥ 3×), "
             f"final Δ {gap:+.3g}{within}"
         )
     return "FedFa vs FedIT — " + "; ".join(parts) + "."
@@ -230,18 +266,21 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the config's")
     ap.add_argument("--data-dir", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None, help="write here instead of RESULTS.md")
+    ap.add_argument(
+        "--reuse", action="store_true", help="take finished runs of the same config from disk"
+    )
     args = ap.parse_args()
     started = time.perf_counter()
     base = load_config(args.config, args.overrides)
     seeds = args.seeds or [base.seed]
     fed = build_federated_data(base.data, data_dir=args.data_dir)
-    per_seed = [run_seed(base, fed, seed, args.methods) for seed in seeds]
+    per_seed = [run_seed(base, fed, seed, args.methods, args.reuse) for seed in seeds]
     metric = per_seed[0][1][args.methods[0]]["summary"]["metric"]
     where = (args.out or RESULTS).parent
+    key = f"{SECTION}-{base.name}-seeds-" + "-".join(map(str, seeds))
     f = base.federation
-    figure = plot(
-        per_seed, args.methods, metric, f.clients_per_round, where / f"{SECTION}-{base.name}.png"
-    )
+    figure = plot(per_seed, args.methods, metric, f.clients_per_round, where / f"{key}.png")
+    seeds_text = ", ".join(map(str, seeds))
     refs = "; ".join(
         f"seed {s}: base {r['base']:.4g}, central {r['central']:.4g}, target {r['target']:.4g}"
         for s, (r, _) in zip(seeds, per_seed, strict=True)
@@ -258,7 +297,7 @@ def main() -> None:
         "",
         *table(base, per_seed, args.methods, metric),
         "",
-        verdict(per_seed, metric),
+        verdict(seeds, per_seed, metric),
         "",
         "Idle fraction: a client's wait between delivering an update and starting the next one "
         "the server kept it for, over wait + busy time (sync: waiting for the round's slowest "
@@ -269,8 +308,8 @@ def main() -> None:
         "",
         f"![{metric} vs virtual time and client updates]({figure.name})",
     ]
-    title = f"Asynchronous methods: time to target ({base.name})"
-    print(write_section(f"{SECTION}-{base.name}", title, "\n".join(lines), args.out))
+    title = f"Asynchronous methods: time to target ({base.name}, seeds {seeds_text})"
+    print(write_section(key, title, "\n".join(lines), args.out))
 
 
 if __name__ == "__main__":
