@@ -136,3 +136,14 @@ def test_fedfa_with_dropouts_and_availability(make):
         assert r["idle"] == 0.0
         start[r["dispatched"]] = version
     assert 0 < dropped < len(rows) and replaced > 0
+
+
+def test_fedfa_restart_ablation_trains_clients_beyond_the_first_in_flight(make):
+    # two in flight of three, all online: DESIGN's FedFa keeps re-dispatching the two
+    # it started with; the ablation hands each freed slot to a random idle client
+    flags = ("strategy.name=fedfa", "federation.concurrency=2", "federation.max_arrivals=8")
+    same = make(*flags, "name=same").run().metrics[1:]
+    free = make(*flags, "strategy.params.restart_same_client=false", "name=free").run().metrics[1:]
+    assert len({r["client"] for r in same}) == 2
+    assert {r["client"] for r in free} == {0, 1, 2}
+    assert all(r["idle"] == 0.0 for r in same + free)

@@ -97,14 +97,14 @@ class Strategy(ABC):
     :meth:`configure` and :meth:`aggregate` (sync) or :meth:`on_arrival`
     (async). ``keeps_local_state`` tells the runtime that clients keep their
     own tensors between participations (personalised or local layers).
-    ``restart_same_client`` (async) makes the runtime re-dispatch an arriving
-    client at once instead of a random idle one.
+    ``restart_same_client`` (async; a strategy may make it a parameter) makes the
+    runtime re-dispatch an arriving client at once instead of a random idle one.
     """
 
     name: ClassVar[str]
     mode: ClassVar[Literal["sync", "async", "hier"]] = "sync"  # hier: runtime/hierarchy.py
     keeps_local_state: ClassVar[bool] = False
-    restart_same_client: ClassVar[bool] = False
+    restart_same_client: bool = False
 
     def initialize(self, state: AdapterState, clients: list[ClientInfo]) -> AdapterState:
         """Called once before training with the initial global adapter and the

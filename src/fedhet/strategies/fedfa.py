@@ -12,7 +12,12 @@ and, with weights w_i = n_i · s(τ_i),
 
 The arriving client restarts at once from the new global model
 (``restart_same_client``; the simulator starts another online client instead
-when it has gone offline), so no client ever waits for another. Warm start:
+when it has gone offline), so no client ever waits for another. With fewer
+clients in flight than clients (``federation.concurrency`` < N) that rule trains
+only the clients dispatched first, and replacements for those that go offline;
+``restart_same_client=False`` is the ablation that hands the freed slot to a
+random idle online client instead (``federation.restart``), as FedAsync and
+FedBuff do. Warm start:
 until K uploads have arrived the window averages what it holds. Defaults:
 K = 5, model variant, no staleness weighting (``staleness="constant"``; the
 functions of :mod:`fedhet.strategies.staleness` are the option).
@@ -58,7 +63,6 @@ class FedFa(Strategy):
 
     name = "fedfa"
     mode = "async"
-    restart_same_client = True
 
     def __init__(
         self,
@@ -68,6 +72,7 @@ class FedFa(Strategy):
         staleness: StalenessKind = "constant",
         a: float = 0.5,
         b: float = 4.0,
+        restart_same_client: bool = True,
     ) -> None:
         if window < 1:
             raise ValueError(f"fedfa: window must be ≥ 1, got {window}")
@@ -76,6 +81,7 @@ class FedFa(Strategy):
         if server_lr is not None and (variant != "delta" or server_lr <= 0):
             raise ValueError("fedfa: server_lr applies to the delta variant and must be > 0")
         self.window = window
+        self.restart_same_client = restart_same_client
         self.variant = variant
         self.send: Literal["state", "delta"] = "state" if variant == "model" else "delta"
         self.server_lr = 2 / (window + 1) if server_lr is None else server_lr
