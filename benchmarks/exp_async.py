@@ -189,8 +189,9 @@ def table(
         f"| method | mode | client updates | updates applied | time to target [virtual s] "
         f"| speed-up vs FedIT | final global {metric}{unit} | Δ vs FedIT{unit} "
         f"| final local {metric}{unit} (mean, spread) | idle fraction | virtual time [s] "
-        "| MB up / down | wall [s] | delivered updates by device |",
-        "|---" * 14 + "|",
+        "| MB up / down | wall [s] | delivered updates by device | clients delivering "
+        "(top client's share) |",
+        "|---" * 15 + "|",
     ]
     for method in methods:
         col: dict[str, list[Any]] = {}
@@ -212,6 +213,11 @@ def table(
             col.setdefault("up", []).append(s["bytes_up"] / 1e6)
             col.setdefault("down", []).append(s["bytes_down"] / 1e6)
             shares.update(runs[method]["shares"])
+            senders = Counter(r["client"] for r in runs[method]["metrics"] if "staleness" in r)
+            col.setdefault("senders", []).append(len(senders))
+            col.setdefault("top", []).append(
+                100 * max(senders.values()) / senders.total() if senders else None
+            )
         n_seeds = len(per_seed)
         fed = base.federation
         budget = fed.rounds * fed.clients_per_round
@@ -221,6 +227,11 @@ def table(
             if mode == "sync"
             else f"async, {fed.concurrency} in flight"
         )
+        senders_text = (
+            f"{cell(col['senders'], '.0f')} ({cell(col['top'], '.0f')} %)"
+            if mode != "sync"
+            else "sampled each round"
+        )
         by_device = ", ".join(f"{k} {v / n_seeds:.0%}" for k, v in sorted(shares.items()))
         lines.append(
             f"| {method} | {mode_text} | {budget} | {cell(col['updates_applied'], '.0f')} "
@@ -229,7 +240,8 @@ def table(
             f"| {cell(col['final_local_mean'], '.1f')}, {cell(col['final_local_std'], '.1f')} "
             f"| {cell(col['idle_fraction'], '.2f')} | {cell(col['virtual_time'], '.3g')} "
             f"| {cell(col['up'], '.1f')} / {cell(col['down'], '.1f')} "
-            f"| {cell(col['wall_time'], '.0f')} | {by_device or 'uniform over online'} |"
+            f"| {cell(col['wall_time'], '.0f')} | {by_device or 'uniform over online'} "
+            f"| {senders_text} |"
         )
     return lines
 
@@ -337,7 +349,9 @@ def main() -> None:
         "client; async: none, every arrival is re-dispatched at once). Updates applied: client "
         "updates incorporated into the global model (FedBuff: those in flushed buffers). A time "
         "to target of 0 means the base model already meets the target. Delivered updates by "
-        "device: where the asynchronous arrivals came from (fast devices arrive more often).",
+        "device: where the asynchronous arrivals came from (fast devices arrive more often). "
+        "Clients delivering: how many distinct clients sent the delivered updates, and the "
+        "share of the busiest one.",
         "",
         f"![{metric} vs virtual time and client updates]({figure.name})",
     ]
