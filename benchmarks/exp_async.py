@@ -55,6 +55,7 @@ from fedhet.data.federated import FederatedData, build_federated_data  # noqa: E
 from fedhet.devices.profiles import Fleet, load_fleet  # noqa: E402
 from fedhet.reports.plots import save_figure
 from fedhet.reports.results import RESULTS, write_section  # noqa: E402
+from fedhet.reports.summary import read_metrics
 from fedhet.runtime.compare import protocol_reference, reference_points
 from fedhet.runtime.sim import Simulation  # noqa: E402
 from fedhet.strategies import STRATEGIES  # noqa: E402
@@ -86,8 +87,7 @@ def finished_run(cfg: ExperimentConfig) -> tuple[dict, list[dict]] | None:
         return None
     if load_config(run_dir / "config.yaml").model_dump() != cfg.model_dump():
         return None
-    rows = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return json.loads((run_dir / "summary.json").read_text()), [json.loads(r) for r in rows]
+    return json.loads((run_dir / "summary.json").read_text()), read_metrics(run_dir)
 
 
 def reference(cfg: ExperimentConfig, fed: FederatedData, reuse: bool) -> dict[str, float]:
@@ -108,8 +108,8 @@ def run_seed(
     base: ExperimentConfig, fed: FederatedData, seed: int, methods: list[str], reuse: bool
 ):
     """Central reference, then every method; returns (reference, {method: run}), a run
-    being its summary, metrics rows and device shares (the simulation is let go: it
-    holds a base model)."""
+    being its summary, metrics rows, delivered updates per client and device shares
+    (the simulation is let go: it holds a base model)."""
     cfg = method_config(base, SYNC, seed, None)
     cfg.name = f"{base.name}/central-seed{seed}"
     ref = reference(cfg, fed, reuse)
@@ -122,22 +122,25 @@ def run_seed(
             result = Simulation(cfg, fed=fed).run()
             done = result.summary, result.metrics
         summary, metrics = done
+        senders = Counter(row["client"] for row in metrics if "staleness" in row)
         runs[method] = {
             "summary": summary,
             "metrics": metrics,
-            "shares": device_shares(metrics, fleet),
+            "senders": senders,
+            "shares": device_shares(senders, fleet),
         }
         print(method, seed, summary, flush=True)
     return ref, runs
 
 
-def device_shares(metrics: list[dict], fleet: Fleet) -> dict[str, float]:
-    """Share of the delivered asynchronous updates per device class (empty for sync,
-    whose rows do not name clients: it samples uniformly among the online ones)."""
-    counts = Counter(
-        fleet[row["client"]].name for row in metrics if "client" in row and "staleness" in row
-    )
-    total = sum(counts.values())
+def device_shares(senders: Counter, fleet: Fleet) -> dict[str, float]:
+    """Share of the delivered asynchronous updates (``senders``: count per client) per
+    device class; empty for sync, whose rows do not name clients (it samples uniformly
+    among the online ones)."""
+    counts: Counter = Counter()
+    for cid, n in senders.items():
+        counts[fleet[cid].name] += n
+    total = senders.total()
     return {name: n / total for name, n in counts.items()} if total else {}
 
 
@@ -213,7 +216,7 @@ def table(
             col.setdefault("up", []).append(s["bytes_up"] / 1e6)
             col.setdefault("down", []).append(s["bytes_down"] / 1e6)
             shares.update(runs[method]["shares"])
-            senders = Counter(r["client"] for r in runs[method]["metrics"] if "staleness" in r)
+            senders = runs[method]["senders"]
             col.setdefault("senders", []).append(len(senders))
             col.setdefault("top", []).append(
                 100 * max(senders.values()) / senders.total() if senders else None
