@@ -96,12 +96,11 @@ def baseline_train(msg, context):
     from fedhet.data.federated import build_federated_data
     from fedhet.model.base import load_base_model
     from fedhet.model.lora import LoraModel
-    from fedhet.runtime.sim import _DTYPES
 
     config = msg.content.config_records["config"]
     cfg = validate_config(json.loads(str(config["experiment"])))
     model, tokenizer = load_base_model(  # every call
-        cfg.model.name, dtype=_DTYPES[cfg.model.dtype], device=cfg.model.device
+        cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device
     )
     lm = LoraModel(model, cfg.lora, seed=cfg.seed)
     pid = int(context.node_config["partition-id"])
@@ -135,7 +134,6 @@ def baseline_apps(cfg):
     from fedhet.data.federated import build_federated_data
     from fedhet.model.base import load_base_model
     from fedhet.model.lora import LoraModel
-    from fedhet.runtime.sim import _DTYPES
 
     client = ClientApp()
     client.train()(baseline_train)
@@ -145,7 +143,7 @@ def baseline_apps(cfg):
     @server.main()
     def main(grid, context) -> None:
         model, tokenizer = load_base_model(
-            cfg.model.name, dtype=_DTYPES[cfg.model.dtype], device=cfg.model.device
+            cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device
         )
         lm = LoraModel(model, cfg.lora, seed=cfg.seed)
         init = lm.init_state(cfg.seed, rank=cfg.lora.rank)
@@ -193,7 +191,8 @@ def child(variant: str, args: argparse.Namespace) -> dict[str, Any]:
 
     n = cfg.data.partition.num_clients
     if variant == "fedhet-flower":
-        from fedhet.runtime.flower import FlowerOptions, make_client_app, make_server_app
+        from fedhet.runtime.flower import FlowerOptions, make_server_app
+        from fedhet.runtime.flower_client import make_client_app
 
         server = make_server_app(cfg, FlowerOptions(wait_timeout=600))
         run_simulation(server, make_client_app(), num_supernodes=n, backend_config=_backend(cfg))

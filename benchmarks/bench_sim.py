@@ -46,8 +46,8 @@ def _scale_child(model: str, n: int) -> dict:
     from fedhet.config import load_config
     from fedhet.model.base import model_info
     from fedhet.model.lora import state_bytes
+    from fedhet.protocol import Instruction
     from fedhet.runtime.sim import Simulation
-    from fedhet.strategies.base import Instruction
 
     cfg = load_config(REPO / "configs" / "smoke.yaml", [
         f"model.name={model}", "output_dir=/tmp/fedhet-bench-scale", f"name=scale-{n}",

@@ -48,7 +48,8 @@ from fedhet.data.federated import FederatedData, build_federated_data  # noqa: E
 from fedhet.reports.plots import save_figure
 from fedhet.reports.results import RESULTS, write_section  # noqa: E402
 from fedhet.runtime.compare import protocol_reference
-from fedhet.runtime.sim import ClientRun, Simulation  # noqa: E402
+from fedhet.runtime.executor import ClientRun  # noqa: E402
+from fedhet.runtime.sim import Simulation  # noqa: E402
 
 SECTION = "exp_fibecfed"
 BASELINE = "fedit"

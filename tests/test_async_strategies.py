@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from fedhet.errors import FedhetError
+from fedhet.protocol import ClientUpdate
 from fedhet.strategies import FedAsync, FedBuff, FedFa, build_strategy
-from fedhet.strategies.base import ClientUpdate
 from fedhet.strategies.staleness import Staleness
 
 A = "m.layers.0.q.lora_A.weight"

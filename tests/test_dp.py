@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from fedhet.protocol import ClientInfo, ClientUpdate
 from fedhet.runtime.sim import Simulation
 from fedhet.strategies import DPFedAvg, build_strategy
-from fedhet.strategies.base import ClientInfo, ClientUpdate
 from fedhet.strategies.robust import clip
 
 dp = pytest.importorskip("dp_accounting")

@@ -7,9 +7,9 @@ from fedhet.client.curriculum import pacing
 from fedhet.client.fisher import LAYER_SCORES
 from fedhet.errors import FedhetError
 from fedhet.model.lora import layer_index, state_bytes
+from fedhet.protocol import ClientInfo, ClientUpdate
 from fedhet.runtime.sim import Simulation
 from fedhet.strategies import FibecFed, build_strategy
-from fedhet.strategies.base import ClientInfo, ClientUpdate
 from fedhet.strategies.fibecfed import select_gal
 
 LAYERS = 4

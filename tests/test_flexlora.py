@@ -9,9 +9,9 @@ import torch
 
 from fedhet.errors import FedhetError
 from fedhet.model.lora import factor_keys, ranks
+from fedhet.protocol import ClientInfo, ClientUpdate
 from fedhet.runtime.sim import Simulation
 from fedhet.strategies import FlexLoRA, build_strategy
-from fedhet.strategies.base import ClientInfo, ClientUpdate
 from fedhet.strategies.flexlora import factored_svd
 from fedhet.strategies.ranks import (
     RankPlan,

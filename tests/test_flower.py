@@ -22,22 +22,19 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedhet.data.export import export_client_data
 from fedhet.errors import FedhetError
 from fedhet.model.lora import load_adapter
+from fedhet.protocol import ClientUpdate
 from fedhet.runtime.flower import (
     FlowerOptions,
     FlowerServer,
-    decode_update,
-    encode_update,
     experiment_from_run_config,
-    export_client_data,
-    make_client_app,
-    pack_tree,
-    unpack_tree,
 )
+from fedhet.runtime.flower_client import make_client_app
+from fedhet.runtime.flower_codec import decode_update, encode_update, pack_tree, unpack_tree
 from fedhet.runtime.sim import Simulation
 from fedhet.strategies import STRATEGIES
-from fedhet.strategies.base import ClientUpdate
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = FlowerOptions(wait_timeout=30, poll_interval=0.01)
@@ -193,7 +190,7 @@ def test_nodes_reading_their_own_files_train_like_partitions(smoke_config, tmp_p
         "eval.global_size=4",
         "eval.local_clients=1",
     )
-    files = export_client_data(cfg, tmp_path / "data")
+    files = export_client_data(cfg.data, tmp_path / "data")
 
     def own_files(i: int) -> dict:
         return {"data-path": str(files[i][0]), "test-path": str(files[i][1])}

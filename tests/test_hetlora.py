@@ -5,9 +5,9 @@ import math
 import torch
 
 from fedhet.model.lora import factor_keys, ranks
+from fedhet.protocol import ClientInfo, ClientUpdate
 from fedhet.runtime.sim import Simulation
 from fedhet.strategies import HetLoRA
-from fedhet.strategies.base import ClientInfo, ClientUpdate
 from fedhet.strategies.hetlora import pruned_rank, update_norm
 
 MOD = "m.layers.0.self_attn.q_proj"

@@ -8,18 +8,11 @@ from fedhet.client.train import TrainPlan, local_update
 from fedhet.data.encode import Example
 from fedhet.errors import FedhetError
 from fedhet.model.lora import LoraModel, LoraSpec, select_layers, state_bytes, top_layers
+from fedhet.protocol import ClientInfo, ClientUpdate, CostModel, GroupResult
 from fedhet.runtime.sim import Simulation
 from fedhet.strategies import build_strategy
-from fedhet.strategies.base import ClientInfo, ClientUpdate
-from fedhet.strategies.hier_planner import (
-    CostModel,
-    Member,
-    group_time,
-    max_depth,
-    plan_groups,
-    progress,
-)
-from fedhet.strategies.hierfedlora import GroupResult, HierFedLoRA, layerwise_average
+from fedhet.strategies.hier_planner import Member, group_time, max_depth, plan_groups, progress
+from fedhet.strategies.hierfedlora import HierFedLoRA, layerwise_average
 
 
 def _key(layer: int, factor: str) -> str:

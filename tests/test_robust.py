@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from fedhet.errors import FedhetError
+from fedhet.model.norms import l2_norm
+from fedhet.protocol import ClientInfo, ClientUpdate
 from fedhet.strategies import FedIT, FFALoRA, Robust, build_strategy
-from fedhet.strategies.base import ClientInfo, ClientUpdate
-from fedhet.strategies.robust import clip, coordinate_median, l2_norm, trimmed_mean
+from fedhet.strategies.robust import clip, coordinate_median, trimmed_mean
 
 A = "m.layers.0.q.lora_A.weight"
 B = "m.layers.0.q.lora_B.weight"

@@ -5,6 +5,7 @@ import torch
 
 from fedhet.model.lora import is_lora_a, load_adapter
 from fedhet.runtime.compare import reference_points
+from fedhet.runtime.driver import Driver
 from fedhet.runtime.sim import Simulation
 
 VOLATILE = {"wall_time", "overhead_s", "train_s", "eval_s"}
@@ -37,7 +38,7 @@ def test_resume_after_an_interruption_equals_the_uninterrupted_run(smoke_config,
     full = Simulation(smoke_config("name=full")).run()
 
     interrupted = Simulation(smoke_config("name=cut"))
-    original = Simulation._checkpoint
+    original = Driver.checkpoint
     calls = {"n": 0}
 
     def crash_after_second_checkpoint(self):
@@ -46,10 +47,10 @@ def test_resume_after_an_interruption_equals_the_uninterrupted_run(smoke_config,
         if calls["n"] == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(Simulation, "_checkpoint", crash_after_second_checkpoint)
+    monkeypatch.setattr(Driver, "checkpoint", crash_after_second_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         interrupted.run()
-    monkeypatch.setattr(Simulation, "_checkpoint", original)
+    monkeypatch.setattr(Driver, "checkpoint", original)
     resumed = Simulation(smoke_config("name=cut")).run(resume=True)
     assert all(torch.equal(full.state[k], resumed.state[k]) for k in full.state)
     assert _stable(full.metrics) == _stable(resumed.metrics)
@@ -61,7 +62,8 @@ def test_a_sync_round_lasts_as_long_as_its_slowest_client(smoke_config, monkeypa
 
     def record(self, inst, event):
         run = original(self, inst, event)
-        durations.setdefault(self.progress.step + 1, []).append(run.duration)
+        rnd = event // 1_000_003  # fedhet.runtime.executor.round_event
+        durations.setdefault(rnd, []).append(run.duration)
         return run
 
     monkeypatch.setattr(Simulation, "run_client", record)

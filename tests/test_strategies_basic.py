@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from fedhet.errors import FedhetError
+from fedhet.protocol import ClientUpdate
 from fedhet.strategies import FedIT, FedProx, FFALoRA, build_strategy
-from fedhet.strategies.base import ClientUpdate, weighted_average
+from fedhet.strategies.base import weighted_average
 
 A = "m.layers.0.q.lora_A.weight"
 B = "m.layers.0.q.lora_B.weight"

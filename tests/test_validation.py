@@ -4,8 +4,8 @@ import logging
 import pytest
 import torch
 
-from fedhet.strategies.base import ClientUpdate
-from fedhet.strategies.validation import expected_update, validate_update
+from fedhet.protocol import ClientUpdate
+from fedhet.runtime.validation import expected_update, validate_update
 
 A = "m.layers.0.q.lora_A.weight"
 B = "m.layers.0.q.lora_B.weight"

@@ -137,10 +137,10 @@ def _write(path: Path, data: bytes, *, secret: bool = False) -> None:
 def data(folder: Path, config: str, overrides: list[str]) -> None:
     """Each training client's partition of ``config`` as its own files."""
     from fedhet.config import load_config
-    from fedhet.runtime.flower import export_client_data
+    from fedhet.data.export import export_client_data
 
     cfg = load_config(config, overrides)
-    for train, test in export_client_data(cfg, folder / "data"):
+    for train, test in export_client_data(cfg.data, folder / "data"):
         print(f"{train}  {test}")
 
 

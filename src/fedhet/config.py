@@ -69,7 +69,7 @@ class FederationConfig(_Section):
     after an arrival: the arriving client itself (``same``; when it is offline,
     as with ``random``) or a random idle online client (``random``).
 
-    Every arriving update is validated (:mod:`fedhet.strategies.validation`);
+    Every arriving update is validated (:mod:`fedhet.runtime.validation`);
     ``max_staleness`` (versions) and ``max_update_norm`` (L2 norm of the change
     from the client's start state) are its optional bounds.
     """

@@ -21,6 +21,7 @@ from fedhet.client.fisher import FisherSession
 from fedhet.client.loss import target_nll
 from fedhet.data.encode import Batch, Example, batches
 from fedhet.model.lora import AdapterState, LoraModel, factor_keys, ranks
+from fedhet.protocol import ClientUpdate, Instruction
 
 
 @dataclass
@@ -183,6 +184,37 @@ def make_upload(trained: AdapterState, start: AdapterState, plan: TrainPlan) -> 
     if plan.send == "delta":
         return {k: trained[k] - start[k] for k in keys}
     return {k: trained[k] for k in keys}
+
+
+def run_instruction(
+    lm: LoraModel,
+    examples: Sequence[Example],
+    inst: Instruction,
+    base: AdapterState,
+    base_plan: TrainPlan,
+    *,
+    seed: int,
+    pad_id: int,
+    cache: dict[str, Any] | None = None,
+) -> tuple[ClientUpdate, AdapterState, TrainPlan]:
+    """One client's local update as every runtime runs it (the simulator and the
+    Flower ClientApp): start from the instruction's tensors over ``base`` (the
+    client's own last state, or the initial adapter), apply the plan overrides and
+    ``seed``, train (``cache``: the client's own cache, kept between its updates),
+    and build the upload. Returns (update, full trained state, plan)."""
+    start = {**base, **inst.state}
+    plan = base_plan.with_overrides({**inst.plan, "seed": seed})
+    result = local_update(lm, examples, start, plan, pad_id=pad_id, cache=cache)
+    update = ClientUpdate(
+        client_id=inst.client_id,
+        state=make_upload(result.state, start, plan),
+        num_samples=len(examples),
+        version=inst.version,
+        kind=plan.send,
+        metrics=result.metrics,
+        extras=result.extras,
+    )
+    return update, result.state, plan
 
 
 def _batch_stream(

@@ -2,6 +2,7 @@
 
 from fedhet.model.base import (
     DEFAULT_MODEL,
+    DTYPES,
     TINY_MODEL,
     decoder_layers,
     default_cache_dir,
@@ -12,6 +13,7 @@ from fedhet.model.base import (
 
 __all__ = [
     "DEFAULT_MODEL",
+    "DTYPES",
     "TINY_MODEL",
     "decoder_layers",
     "default_cache_dir",

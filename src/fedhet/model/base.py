@@ -57,6 +57,13 @@ _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_KEY = "SmolLM2-135M-Instruct.Q4_1-b179c9523d0e6a0f"
 _TINY_SEED = 0
 
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+"""The dtype names a config may give (``model.dtype``) and their torch dtypes."""
+
 
 def default_cache_dir() -> Path:
     """The cache root: ``$FEDHET_CACHE`` if set and non-empty, else ``~/.cache/fedhet``."""
@@ -66,14 +73,15 @@ def default_cache_dir() -> Path:
 def load_base_model(
     name: str | os.PathLike[str] = DEFAULT_MODEL,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     cache_dir: str | os.PathLike[str] | None = None,
     device: str = "cpu",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, ready to carry LoRA adapters.
 
     The model is in eval mode, every parameter frozen (``requires_grad=False``), on ``device``,
-    in ``dtype``, with ``config.use_cache = False`` (no KV cache while training). The tokenizer
+    in ``dtype`` (a torch dtype or a name of :data:`DTYPES`), with
+    ``config.use_cache = False`` (no KV cache while training). The tokenizer
     pads on the right and has a pad token (its eos token if it had none).
 
     Raises:
@@ -81,6 +89,10 @@ def load_base_model(
             unusable device or non-floating dtype; the message names the culprit.
     """
     target = _check_device(device)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise FedhetError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise FedhetError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()

@@ -20,7 +20,7 @@ Decisions are drawn from generators seeded by (seed, spec index, event,
 client), never from a running stream, so a resumed run injects exactly the
 faults of an uninterrupted one. When several specs hit one participation the
 first in the list applies. Validation
-(:mod:`fedhet.strategies.validation`) and robust aggregation
+(:mod:`fedhet.runtime.validation`) and robust aggregation
 (:mod:`fedhet.strategies.robust`) are what must catch or absorb them.
 """
 
@@ -38,8 +38,8 @@ from fedhet.errors import FedhetError
 from fedhet.model.lora import module_name, ranks, resize_rank
 
 if TYPE_CHECKING:
-    from fedhet.strategies.base import ClientUpdate
-    from fedhet.strategies.validation import UpdateSpec
+    from fedhet.protocol import ClientUpdate
+    from fedhet.runtime.validation import UpdateSpec
 
 FaultKind = Literal["crash", "nan", "inf", "shape", "scale", "stale"]
 

@@ -10,7 +10,8 @@ import inspect
 from typing import Any
 
 from fedhet.errors import FedhetError
-from fedhet.strategies.base import ClientInfo, ClientUpdate, Instruction, Strategy
+from fedhet.protocol import ClientInfo, ClientUpdate, Instruction
+from fedhet.strategies.base import Strategy
 from fedhet.strategies.dp_fedavg import DPFedAvg
 from fedhet.strategies.fedasync import FedAsync
 from fedhet.strategies.fedbuff import FedBuff

@@ -13,7 +13,17 @@ Two forms, chosen by ``mode``:
 * asynchronous (``"async"``): the runtime keeps clients in flight; each arrival
   goes to :meth:`Strategy.on_arrival`, which may apply it (the global model
   version then increases by one), and the next dispatch asks
-  :meth:`Strategy.configure` for a single client.
+  :meth:`Strategy.configure` for a single client;
+* hierarchical (``"hier"``): each global round the runtime hands the online
+  clients and its :class:`~fedhet.protocol.CostModel` to
+  :meth:`Strategy.plan_round`, which returns one
+  :class:`~fedhet.protocol.GroupRound` per group; for each of a group's stages it
+  runs :meth:`Strategy.configure_group`'s instructions and folds the validated
+  updates in with :meth:`Strategy.aggregate_group`; the groups' results go to
+  :meth:`Strategy.aggregate_groups`.
+
+The loops themselves live in one place, :mod:`fedhet.runtime.driver`, for the
+simulator and for Flower alike.
 
 Strategy-internal server state (a buffer, a window of models, selected layers)
 lives on the object and must round-trip through :meth:`state_dict` /
@@ -23,86 +33,35 @@ lives on the object and must round-trip through :meth:`state_dict` /
 from __future__ import annotations
 
 from abc import ABC
-from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
 
 from fedhet.model.lora import AdapterState
-
-
-@dataclass(frozen=True)
-class ClientInfo:
-    """What the server may know about a client (no data, only metadata).
-
-    ``histogram`` is the client's label/category counts; clients share it only
-    when a method needs it (grouping), as the method's docstring says.
-    """
-
-    client_id: int
-    num_samples: int
-    flops: float = 1e12
-    memory_bytes: float = 8e9
-    histogram: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass
-class Instruction:
-    """What a client is told to do.
-
-    Attributes:
-        client_id: the client.
-        state: the tensors to load before training. Keys absent here are taken
-            from the client's own last state (strategies with
-            ``keeps_local_state``) or from the shared initial adapter. Its size
-            is what travels down.
-        plan: overrides of the run's training plan (fields of
-            :class:`fedhet.client.TrainPlan`: ``rank``, ``trainable_layers``,
-            ``frozen``, ``masks``, ``prox_mu``, ``upload_keys``, ``send`` ...).
-        version: the global model version the client starts from (set by the
-            runtime; staleness = version at arrival − this).
-    """
-
-    client_id: int
-    state: AdapterState
-    plan: dict[str, Any] = field(default_factory=dict)
-    version: int = 0
-
-
-@dataclass
-class ClientUpdate:
-    """What a client sends back.
-
-    ``state`` is the trained adapter (``kind="state"``) or its difference from
-    the start (``kind="delta"``), restricted to the plan's ``upload_keys``.
-    ``staleness`` is filled in by the runtime at arrival (0 in synchronous mode).
-    ``extras`` carries method-specific client statistics (e.g. Fisher scores of
-    layers or neurons), tensors allowed; the strategy defines their keys.
-    """
-
-    client_id: int
-    state: AdapterState
-    num_samples: int
-    version: int = 0
-    kind: Literal["state", "delta"] = "state"
-    metrics: dict[str, float] = field(default_factory=dict)
-    staleness: int = 0
-    extras: dict[str, Any] = field(default_factory=dict)
+from fedhet.protocol import (
+    ClientInfo,
+    ClientUpdate,
+    CostModel,
+    GroupResult,
+    GroupRound,
+    Instruction,
+)
 
 
 class Strategy(ABC):
     """Base class of every federated strategy (see the module docstring).
 
     Subclasses set ``name`` (the registry name), ``mode`` and implement
-    :meth:`configure` and :meth:`aggregate` (sync) or :meth:`on_arrival`
-    (async). ``keeps_local_state`` tells the runtime that clients keep their
-    own tensors between participations (personalised or local layers).
+    :meth:`configure` and :meth:`aggregate` (sync), :meth:`on_arrival`
+    (async) or the four hierarchical hooks (hier). ``keeps_local_state`` tells
+    the runtime that clients keep their own tensors between participations
+    (personalised or local layers).
     ``restart_same_client`` (async; a strategy may make it a parameter) makes the
     runtime re-dispatch an arriving client at once instead of a random idle one.
     """
 
     name: ClassVar[str]
-    mode: ClassVar[Literal["sync", "async", "hier"]] = "sync"  # hier: runtime/hierarchy.py
+    mode: ClassVar[Literal["sync", "async", "hier"]] = "sync"
     keeps_local_state: ClassVar[bool] = False
     restart_same_client: bool = False
 
@@ -126,6 +85,30 @@ class Strategy(ABC):
         """Asynchronous: the new global state after one arrival, or ``None``
         when the arrival is held (e.g. buffered) and the version does not move."""
         raise NotImplementedError(f"{self.name} is not an asynchronous strategy")
+
+    def plan_round(self, rnd: int, online: list[int], cost: CostModel) -> list[GroupRound]:
+        """Hierarchical: round ``rnd``'s work per group, given the online clients
+        and the runtime's cost figures."""
+        raise NotImplementedError(f"{self.name} is not a hierarchical strategy")
+
+    def configure_group(
+        self, rnd: int, group: GroupRound, stage: int, state: AdapterState
+    ) -> list[Instruction]:
+        """Hierarchical: the instructions of one stage of ``group`` from the
+        group's current state."""
+        raise NotImplementedError(f"{self.name} is not a hierarchical strategy")
+
+    def aggregate_group(
+        self, group: GroupRound, stage: int, state: AdapterState, updates: list[ClientUpdate]
+    ) -> AdapterState:
+        """Hierarchical: the group's state after one stage's validated updates."""
+        raise NotImplementedError(f"{self.name} is not a hierarchical strategy")
+
+    def aggregate_groups(
+        self, rnd: int, state: AdapterState, results: list[GroupResult]
+    ) -> AdapterState:
+        """Hierarchical: the new global state from the groups' results."""
+        raise NotImplementedError(f"{self.name} is not a hierarchical strategy")
 
     def evaluation_state(
         self, state: AdapterState, client_state: AdapterState | None = None

@@ -46,7 +46,7 @@ import torch
 
 from fedhet.errors import FedhetError
 from fedhet.model.lora import AdapterState
-from fedhet.strategies.base import ClientUpdate, Instruction
+from fedhet.protocol import ClientUpdate, Instruction
 from fedhet.strategies.robust import AveragingWrapper, clip
 
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 
 from fedhet.model.lora import AdapterState
-from fedhet.strategies.base import ClientUpdate, Instruction, Strategy
+from fedhet.protocol import ClientUpdate, Instruction
+from fedhet.strategies.base import Strategy
 from fedhet.strategies.staleness import Staleness, StalenessKind
 
 

@@ -28,12 +28,8 @@ from typing import Any
 import torch
 
 from fedhet.model.lora import AdapterState
-from fedhet.strategies.base import (
-    ClientUpdate,
-    Instruction,
-    Strategy,
-    apply_delta,
-)
+from fedhet.protocol import ClientUpdate, Instruction
+from fedhet.strategies.base import Strategy, apply_delta
 from fedhet.strategies.staleness import Staleness, StalenessKind
 
 

@@ -38,13 +38,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from fedhet.model.lora import AdapterState
-from fedhet.strategies.base import (
-    ClientUpdate,
-    Instruction,
-    Strategy,
-    apply_delta,
-    weighted_average,
-)
+from fedhet.protocol import ClientUpdate, Instruction
+from fedhet.strategies.base import Strategy, apply_delta, weighted_average
 from fedhet.strategies.staleness import Staleness, StalenessKind
 
 

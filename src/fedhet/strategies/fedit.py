@@ -11,13 +11,8 @@ same rank.
 from __future__ import annotations
 
 from fedhet.model.lora import AdapterState
-from fedhet.strategies.base import (
-    ClientUpdate,
-    Strategy,
-    data_weights,
-    require_nonempty,
-    weighted_average,
-)
+from fedhet.protocol import ClientUpdate
+from fedhet.strategies.base import Strategy, data_weights, require_nonempty, weighted_average
 
 
 class FedIT(Strategy):

@@ -9,7 +9,7 @@ Aggregation is FedIT's. Default μ = 0.01.
 from __future__ import annotations
 
 from fedhet.model.lora import AdapterState
-from fedhet.strategies.base import Instruction
+from fedhet.protocol import Instruction
 from fedhet.strategies.fedit import FedIT
 
 

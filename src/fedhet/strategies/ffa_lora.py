@@ -11,14 +11,8 @@ directions, which halves the bytes of FedIT at equal rank.
 from __future__ import annotations
 
 from fedhet.model.lora import AdapterState, is_lora_a
-from fedhet.strategies.base import (
-    ClientUpdate,
-    Instruction,
-    Strategy,
-    data_weights,
-    require_nonempty,
-    weighted_average,
-)
+from fedhet.protocol import ClientUpdate, Instruction
+from fedhet.strategies.base import Strategy, data_weights, require_nonempty, weighted_average
 
 
 class FFALoRA(Strategy):

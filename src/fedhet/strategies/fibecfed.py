@@ -64,15 +64,8 @@ from fedhet.client.curriculum import PACINGS, Pacing
 from fedhet.client.curriculum import pacing as pacing_fraction
 from fedhet.client.fisher import LAYER_SCORE_KINDS, LAYER_SCORES
 from fedhet.model.lora import AdapterState, layer_index
-from fedhet.strategies.base import (
-    ClientInfo,
-    ClientUpdate,
-    Instruction,
-    Strategy,
-    data_weights,
-    require_nonempty,
-    weighted_average,
-)
+from fedhet.protocol import ClientInfo, ClientUpdate, Instruction
+from fedhet.strategies.base import Strategy, data_weights, require_nonempty, weighted_average
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ Choices the paper leaves open:
 * The SVD runs in float64 and is cast back to the state's dtype.
 * p_k is normalised over the updates that hold the module; a module no update
   holds keeps its global factors. Updates arrive validated by the runtime
-  (:mod:`fedhet.strategies.validation`: each has exactly the shapes, hence the
+  (:mod:`fedhet.runtime.validation`: each has exactly the shapes, hence the
   ranks, it was sent).
 """
 
@@ -47,7 +47,8 @@ from collections.abc import Sequence
 import torch
 
 from fedhet.model.lora import AdapterState, factor_keys, modules, ranks
-from fedhet.strategies.base import ClientInfo, ClientUpdate, Instruction, Strategy
+from fedhet.protocol import ClientInfo, ClientUpdate, Instruction
+from fedhet.strategies.base import Strategy
 from fedhet.strategies.ranks import RankPlan, Ranks, rescaled_prefix
 
 

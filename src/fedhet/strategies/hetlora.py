@@ -40,7 +40,7 @@ Choices the paper leaves open:
   a scale-free test (absolute norms depend on width, alpha and learning rate);
   τ = 0.1 by default. The client's next instruction carries the reduced rank;
   ranks only shrink, and are checkpointed (:meth:`HetLoRA.state_dict`).
-* Updates arrive validated by the runtime (:mod:`fedhet.strategies.validation`:
+* Updates arrive validated by the runtime (:mod:`fedhet.runtime.validation`:
   each has exactly the shapes, hence the ranks, it was sent).
 """
 
@@ -53,7 +53,8 @@ from typing import Any
 import torch
 
 from fedhet.model.lora import AdapterState, factor_keys, modules, ranks
-from fedhet.strategies.base import ClientInfo, ClientUpdate, Instruction, Strategy
+from fedhet.protocol import ClientInfo, ClientUpdate, Instruction
+from fedhet.strategies.base import Strategy
 from fedhet.strategies.ranks import RankPlan, Ranks, rescaled_prefix
 
 

@@ -12,7 +12,7 @@ Cost model (estimated virtual seconds, the simulator's duration model):
     T_g(τ, d)    = 8·B(L) / down_G + Σ_{s=1..K} max_{k∈g} t_k(τ, d, s) + 8·B(d) / up_G
 
 * F(d): training FLOPs per token with the top d blocks trainable, exactly
-  ``Simulation._train_flops_per_token`` (forward + backward down to the lowest
+  ``fedhet.runtime.cost.train_flops_per_token`` (forward + backward down to the lowest
   trainable block), tabulated for d = 0..L by the runtime;
 * tok_k: tokens per local step of member k (batch × its mean example length);
 * B(d): bytes of the top d blocks' LoRA factors; the first stage sends the full
@@ -23,7 +23,7 @@ Cost model (estimated virtual seconds, the simulator's duration model):
   strategy; 1 until observed). Straggling, and any error of the estimate, enter
   the plan through it at the next re-plan. Group aggregation itself is free.
 
-Memory: training the top d blocks needs (:func:`training_memory`)
+Memory: training the top d blocks needs (:func:`fedhet.runtime.cost.training_memory`)
 
     M(d) = P·b_w + 12·b·s·V + d · ( b_a/2 · s·b·h·(34 + 5·a·s/h) + 16·p_lora )
 
@@ -66,36 +66,13 @@ to the depth the weakest device affords).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from fedhet.protocol import CostModel
+
 Policy = Literal["joint", "max_depth"]
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """What the runtime tells the planner (see the module docstring).
-
-    ``flops_per_token[d]`` and ``memory_bytes[d]`` are indexed by depth
-    d = 0..L; ``layer_bytes[ℓ]`` by block ℓ = 0..L−1; per-client figures by
-    client id; links in bit/s.
-    """
-
-    num_layers: int
-    round_steps: int
-    flops_per_token: tuple[float, ...]
-    memory_bytes: tuple[float, ...]
-    layer_bytes: tuple[float, ...]
-    tokens_per_step: Mapping[int, float]
-    up_bps: Mapping[int, float]
-    down_bps: Mapping[int, float]
-    group_up_bps: float
-    group_down_bps: float
-
-    def top_bytes(self, depth: int) -> float:
-        """B(d): bytes of the top ``depth`` blocks' adapter."""
-        return float(sum(self.layer_bytes[self.num_layers - depth :])) if depth else 0.0
 
 
 @dataclass(frozen=True)
@@ -118,27 +95,6 @@ class Choice:
     stages: int
     time: float
     progress: float
-
-
-def training_memory(
-    num_layers: int,
-    *,
-    num_parameters: int,
-    hidden_size: int,
-    num_heads: int,
-    vocab_size: int,
-    seq_len: int,
-    batch_size: int,
-    weight_bytes: int,
-    activation_bytes: int,
-    lora_params_per_block: float,
-) -> tuple[float, ...]:
-    """M(d) for d = 0..L (module docstring)."""
-    s, b, h = seq_len, batch_size, hidden_size
-    fixed = num_parameters * weight_bytes + 12 * b * s * vocab_size
-    block = activation_bytes / 2 * s * b * h * (34 + 5 * num_heads * s / h)
-    block += 16 * lora_params_per_block
-    return tuple(fixed + d * block for d in range(num_layers + 1))
 
 
 def member_time(cost: CostModel, member: Member, tau: int, depth: int, first_stage: bool) -> float:

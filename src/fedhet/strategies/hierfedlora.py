@@ -3,7 +3,7 @@
 Clients are partitioned into G groups whose pooled label/category
 distribution is close to the global one (:mod:`fedhet.strategies.grouping`).
 A global round r (strategy mode ``"hier"``, driven by
-:mod:`fedhet.runtime.hierarchy`) is, for every group g with members online:
+:mod:`fedhet.runtime.driver`) is, for every group g with members online:
 
     x_g ← x                                  (the group downloads the global adapter)
     repeat K_g = H / τ_g times:              (stages)
@@ -45,7 +45,7 @@ duration ratios. Every online member of a group takes part in every round
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Literal
 
 import numpy as np
@@ -53,47 +53,17 @@ import torch
 
 from fedhet.errors import FedhetError
 from fedhet.model.lora import AdapterState, layer_index, select_layers, top_layers
-from fedhet.strategies.base import (
+from fedhet.protocol import (
     ClientInfo,
     ClientUpdate,
-    Instruction,
-    Strategy,
-    data_weights,
-    weighted_average,
-)
-from fedhet.strategies.grouping import balanced_groups, non_iid_degree, random_groups
-from fedhet.strategies.hier_planner import (
-    Choice,
     CostModel,
-    Member,
-    Policy,
-    member_time,
-    plan_groups,
+    GroupResult,
+    GroupRound,
+    Instruction,
 )
-
-
-@dataclass(frozen=True)
-class GroupRound:
-    """One group's work in one global round: its participating members, τ, the
-    number of stages K = H / τ, the depth d and the blocks it trains."""
-
-    group: int
-    members: list[int]
-    tau: int
-    stages: int
-    depth: int
-    layers: list[int]
-    planned_time: float
-
-
-@dataclass(frozen=True)
-class GroupResult:
-    """What a group sends the server: its trained blocks and its data size."""
-
-    group: int
-    state: AdapterState
-    num_samples: int
-    layers: list[int]
+from fedhet.strategies.base import Strategy, data_weights, weighted_average
+from fedhet.strategies.grouping import balanced_groups, non_iid_degree, random_groups
+from fedhet.strategies.hier_planner import Choice, Member, Policy, member_time, plan_groups
 
 
 @torch.no_grad()
@@ -278,7 +248,7 @@ class HierFedLoRA(Strategy):
 
     # ------------------------------------------------------------ a group
     def configure_group(
-        self, rnd: int, group: GroupRound, stage: int, group_state: AdapterState
+        self, rnd: int, group: GroupRound, stage: int, state: AdapterState
     ) -> list[Instruction]:
         """τ local steps on the top d blocks from the group state: the whole
         adapter at the first stage, afterwards only the trained blocks to the
@@ -287,7 +257,7 @@ class HierFedLoRA(Strategy):
         if stage == 0:
             self._holding[group.group] = set()
         holding = self._holding.get(group.group, set())
-        trained = select_layers(group_state, group.layers)
+        trained = select_layers(state, group.layers)
         plan = {
             "steps": group.tau,
             "trainable_layers": list(group.layers),
@@ -295,22 +265,22 @@ class HierFedLoRA(Strategy):
             "send": "state",
         }
         return [
-            Instruction(cid, dict(trained if cid in holding else group_state), dict(plan))
+            Instruction(cid, dict(trained if cid in holding else state), dict(plan))
             for cid in group.members
         ]
 
     def aggregate_group(
-        self, group: GroupRound, stage: int, group_state: AdapterState, updates: list[ClientUpdate]
+        self, group: GroupRound, stage: int, state: AdapterState, updates: list[ClientUpdate]
     ) -> AdapterState:
         """Intra-group FedAvg of the trained blocks (validated updates only);
         records duration ratios (``metrics["duration"]``) and update sketches."""
         if not updates:
-            return group_state
+            return state
         for u in updates:
-            self._observe(group, stage, group_state, u)
+            self._observe(group, stage, state, u)
         self._holding.setdefault(group.group, set()).update(u.client_id for u in updates)
         averaged = weighted_average([u.state for u in updates], data_weights(updates))
-        return {**group_state, **averaged}
+        return {**state, **averaged}
 
     def _observe(
         self, group: GroupRound, stage: int, start: AdapterState, update: ClientUpdate
@@ -337,7 +307,7 @@ class HierFedLoRA(Strategy):
         return self._projection
 
     # ------------------------------------------------------------ the server
-    def aggregate(  # type: ignore[override]  (group results, not client updates)
+    def aggregate_groups(
         self, rnd: int, state: AdapterState, results: list[GroupResult]
     ) -> AdapterState:
         """Cross-group, block-wise, data-weighted (:func:`layerwise_average`)."""
@@ -358,4 +328,4 @@ class HierFedLoRA(Strategy):
         self.sketches = {int(c): np.array(s) for c, s in sd["sketches"].items()}
 
 
-__all__ = ["GroupResult", "GroupRound", "HierFedLoRA", "layerwise_average"]
+__all__ = ["HierFedLoRA", "layerwise_average"]

@@ -56,7 +56,7 @@ import torch
 
 from fedhet.errors import FedhetError
 from fedhet.model.lora import AdapterState, factor_keys, is_lora_a, module_name, modules, ranks
-from fedhet.strategies.base import ClientInfo
+from fedhet.protocol import ClientInfo
 
 PAPER_LEVELS: tuple[tuple[int, int], ...] = ((8, 8), (30, 30), (30, 200), (200, 200))
 """The four client types of FlexLoRA as (attention rank, MLP rank)."""

@@ -31,23 +31,19 @@ the states' device (no host round trip, no dependency on Flower).
 
 from __future__ import annotations
 
-import math
 import statistics
-from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
 
 from fedhet.model.lora import AdapterState
+from fedhet.model.norms import l2_norm, update_delta
+from fedhet.protocol import ClientInfo, ClientUpdate, Instruction
 from fedhet.strategies.base import (
-    ClientInfo,
-    ClientUpdate,
-    Instruction,
     Strategy,
     apply_delta,
     data_weights,
     require_nonempty,
-    subtract,
     weighted_average,
 )
 
@@ -60,22 +56,6 @@ Aggregator = Literal["mean", "median", "trimmed_mean"]
 # ---------------------------------------------------------------------------
 # Functions over states
 # ---------------------------------------------------------------------------
-
-
-def update_delta(
-    state: Mapping[str, torch.Tensor],
-    reference: Mapping[str, torch.Tensor],
-    kind: Literal["state", "delta"],
-) -> AdapterState:
-    """A client's change: ``state − reference`` for a state upload, the upload
-    itself for a delta."""
-    return subtract(dict(state), dict(reference)) if kind == "state" else dict(state)
-
-
-def l2_norm(state: Mapping[str, torch.Tensor]) -> float:
-    """||x||₂ over all tensors together (float64 accumulation)."""
-    total = sum(float(t.double().pow(2).sum()) for t in state.values())
-    return math.sqrt(total)
 
 
 @torch.no_grad()

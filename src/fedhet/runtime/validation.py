@@ -19,7 +19,7 @@ and returns ``None`` (accept) or the reason for rejecting it, in this order:
    ``τ = version_now − update.version ≤ max_staleness`` (when set);
 7. the L2 norm of its change, over all its tensors together, is at most
    ``max_norm`` (when set): ``||x_k − x_start||`` for a state,
-   ``||Δ_k||`` for a delta (:func:`fedhet.strategies.robust.update_delta`).
+   ``||Δ_k||`` for a delta (:func:`fedhet.model.norms.update_delta`).
 
 Choices: any floating dtype is accepted (a client may train in bf16; the
 aggregators compute in float32); the norm is measured from the state the client
@@ -41,8 +41,8 @@ from typing import Literal
 import torch
 
 from fedhet.model.lora import AdapterState
-from fedhet.strategies.base import ClientUpdate
-from fedhet.strategies.robust import l2_norm, update_delta
+from fedhet.model.norms import l2_norm, update_delta
+from fedhet.protocol import ClientUpdate
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,145 @@
+"""The cost model of the virtual clock, shared by both executors.
+
+A client's update lasts (:mod:`fedhet.devices.profiles`)
+
+    t_k = tokens_k · F_train / speed_k · u_k + 8·bytes_down / down_k + 8·bytes_up / up_k
+
+with ``F_train = F_fwd · (1 + 2·f)``: a forward pass, and a backward pass (about
+twice a forward) through the fraction ``f`` of blocks that are backpropagated
+(all blocks from the lowest trainable one to the output); ``u_k`` is the device's
+straggler draw for that event.
+
+:class:`ClientCosts` computes ``t_k``; the virtual-clock executor charges it to
+every update, and the Flower executor uses it to order replies when asked to
+follow the virtual clock. :func:`planner_costs` tabulates what a hierarchical
+strategy plans with (:class:`~fedhet.protocol.CostModel`): F(d) and the memory
+M(d) (:func:`training_memory`) for every depth d, the bytes per block, each
+client's tokens per local step and the links.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedhet.client.train import TrainPlan
+from fedhet.devices.profiles import Fleet
+from fedhet.model.base import model_info
+from fedhet.model.lora import AdapterState, LoraModel, select_layers, state_bytes, top_layers
+from fedhet.protocol import CostModel
+
+
+def train_flops_per_token(
+    flops_per_token: float, num_layers: int, trainable_layers: Sequence[int] | None
+) -> float:
+    """F_train: forward FLOPs per token times (1 + 2·f) (module docstring)."""
+    lowest = 0 if trainable_layers is None or not len(trainable_layers) else min(trainable_layers)
+    depth_fraction = (num_layers - lowest) / num_layers
+    return flops_per_token * (1 + 2 * depth_fraction)
+
+
+@dataclass(frozen=True)
+class ClientCosts:
+    """Durations of client updates on a fleet (module docstring)."""
+
+    fleet: Fleet
+    flops_per_token: float
+    num_layers: int
+
+    def train_flops_per_token(self, plan: TrainPlan) -> float:
+        return train_flops_per_token(self.flops_per_token, self.num_layers, plan.trainable_layers)
+
+    def duration(
+        self,
+        client_id: int,
+        plan: TrainPlan,
+        tokens: float,
+        bytes_down: int,
+        bytes_up: int,
+        event: int,
+    ) -> float:
+        """Virtual seconds of one update of ``client_id`` at ``event``."""
+        return self.fleet[client_id].duration(
+            tokens * self.train_flops_per_token(plan),
+            bytes_down,
+            bytes_up,
+            self.fleet.slowdown(client_id, event),
+        )
+
+
+def training_memory(
+    num_layers: int,
+    *,
+    num_parameters: int,
+    hidden_size: int,
+    num_heads: int,
+    vocab_size: int,
+    seq_len: int,
+    batch_size: int,
+    weight_bytes: int,
+    activation_bytes: int,
+    lora_params_per_block: float,
+) -> tuple[float, ...]:
+    """M(d) for d = 0..L, the memory of training the top d blocks (the equation
+    is in :mod:`fedhet.strategies.hier_planner`)."""
+    s, b, h = seq_len, batch_size, hidden_size
+    fixed = num_parameters * weight_bytes + 12 * b * s * vocab_size
+    block = activation_bytes / 2 * s * b * h * (34 + 5 * num_heads * s / h)
+    block += 16 * lora_params_per_block
+    return tuple(fixed + d * block for d in range(num_layers + 1))
+
+
+def planner_costs(
+    cfg: Any,
+    lm: LoraModel,
+    costs: ClientCosts,
+    init_state: AdapterState,
+    example_lengths: Mapping[int, Sequence[int]],
+) -> CostModel:
+    """The hierarchical planner's view of a run (``cfg``: the experiment config):
+    F(d) from :func:`train_flops_per_token` (forward-only FLOPs at d = 0), M(d)
+    from the model's sizes, B per block from the initial adapter, tokens per
+    step from each training client's example lengths (batch × grad_accum × mean
+    length), and the device and group links."""
+    num_layers = lm.num_layers
+    flops = [float(costs.flops_per_token)] + [
+        train_flops_per_token(costs.flops_per_token, num_layers, top_layers(num_layers, d))
+        for d in range(1, num_layers + 1)
+    ]
+    info = model_info(lm.model)
+    heads = lm.model.get_base_model().config.num_attention_heads
+    weight = next(lm.model.parameters())
+    on_gpu = weight.device.type == "cuda"  # bf16 autocast there (client.train)
+    memory = training_memory(
+        num_layers,
+        num_parameters=info["num_parameters"],
+        hidden_size=info["hidden_size"],
+        num_heads=heads,
+        vocab_size=info["vocab_size"],
+        seq_len=cfg.data.max_length,
+        batch_size=cfg.train.batch_size,
+        weight_bytes=weight.element_size(),
+        activation_bytes=2 if on_gpu else weight.element_size(),
+        lora_params_per_block=sum(p.numel() for p in lm.parameters().values()) / num_layers,
+    )
+    step_sequences = cfg.train.batch_size * cfg.train.grad_accum
+    fleet = costs.fleet
+    return CostModel(
+        num_layers=num_layers,
+        round_steps=cfg.train.steps,
+        flops_per_token=tuple(flops),
+        memory_bytes=memory,
+        layer_bytes=tuple(
+            float(state_bytes(select_layers(init_state, [layer]))) for layer in range(num_layers)
+        ),
+        tokens_per_step={
+            c: step_sequences * float(np.mean(lengths)) for c, lengths in example_lengths.items()
+        },
+        up_bps={c: fleet[c].up_mbps * 1e6 for c in example_lengths},
+        down_bps={c: fleet[c].down_mbps * 1e6 for c in example_lengths},
+        group_up_bps=cfg.federation.group_up_mbps * 1e6,
+        group_down_bps=cfg.federation.group_down_mbps * 1e6,
+    )

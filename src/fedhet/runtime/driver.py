@@ -1,0 +1,557 @@
+"""The federation driver: the sync, async and hierarchical loops, written once.
+
+The driver owns everything a federation decides — selection and its random
+streams, dispatch, arrivals, validation, staleness, evaluation schedule, metrics
+rows, logging, progress bar, checkpoints — and nothing of how clients run: that is
+the :class:`~fedhet.runtime.executor.Executor`'s (the in-process simulator or a
+Flower grid). Strategies are pure (:mod:`fedhet.strategies.base`).
+
+Synchronous round r: the online training clients (``executor.online(r)``) are
+sampled, ``clients_per_round · (1 + over_selection)`` of them, with the stream
+``(seed, 17, r)``; each selected client then crashes with probability
+``executor.dropout`` (same stream; ``federation.dropout`` in simulation, 0 on
+real nodes). The others' instructions run at once; in
+arrival order (duration, then client id) the first ``clients_per_round`` valid
+updates are kept, then those later than ``deadline_s`` are dropped (the round
+then lasts the deadline). The round lasts as long as its slowest kept client;
+the others idle meanwhile.
+
+Asynchronous: ``concurrency`` clients are in flight (first draw ``(seed, 19, 0)``);
+arrivals come in the executor's time order with staleness
+τ = version now − version at dispatch, each validated and handed to
+``strategy.on_arrival`` (:meth:`Driver.apply_arrival`). A dispatch is lost with
+probability ``dropout`` (stream ``(seed, 23, dispatch)``). After every arrival
+but the last, one client is dispatched: the arriving one when the restart policy
+says so (``federation.restart: same`` or a strategy's ``restart_same_client``)
+and it is online, else a random idle online client (stream ``(seed, 29,
+dispatch)``); work dispatched after the last arrival would be thrown away.
+
+Hierarchical round r (strategy mode ``"hier"``): ``strategy.plan_round`` with the
+online clients and ``executor.planner_costs()`` gives each group's members, τ_g,
+K_g stages and blocks; each group downloads the global adapter over its group ↔
+server link, then K_g times: ``strategy.configure_group`` → the members run
+(each crashes with probability ``dropout``, stream ``(seed, 37, r, g, stage)``)
+→ validation → ``strategy.aggregate_group``; a stage lasts as long as its
+slowest member; last the group uploads its trained blocks, and
+``strategy.aggregate_groups`` merges the groups. Group g's time:
+
+    t_g = 8·|x| / down_G + Σ_{s=1..K_g} max_k t_{k,s} + 8·|x_g| / up_G
+
+and the round lasts as long as its slowest group. Device ↔ group bytes count in
+``bytes_up`` / ``bytes_down``, group ↔ server bytes in ``group_bytes_*``; each
+row's ``groups`` logs τ, d, K, planned and actual time and per stage the members,
+their local steps and the stage's time. ``clients_per_round``,
+``over_selection`` and ``deadline_s`` do not apply (the last two are refused).
+
+Accounting (every mode): bytes down are counted for every instruction run,
+bytes up for every reply that arrived (rejected ones too); busy time is each
+run's duration, idle time a client's wait for the round's slowest (sync, hier)
+or for its re-dispatch (async). ``overhead_s`` is the driver's own time in a
+step (selection, validation, aggregation), outside the executor's ``train_s``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from fedhet.client.evaluate import result_key
+from fedhet.config import ExperimentConfig, dump_config
+from fedhet.errors import FedhetError
+from fedhet.model.lora import AdapterState, save_adapter, select_layers, state_bytes
+from fedhet.protocol import ClientInfo, ClientUpdate, GroupResult
+from fedhet.reports.summary import write_outputs
+from fedhet.runtime.checkpoint import load_latest, save_checkpoint
+from fedhet.runtime.executor import ClientRun, Executor, round_event, stage_event
+from fedhet.runtime.validation import validate_update
+from fedhet.strategies.base import Strategy
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    state: AdapterState
+    metrics: list[dict[str, Any]]
+    summary: dict[str, Any]
+    run_dir: Path
+
+
+@dataclass
+class RunProgress:
+    """Everything the driver changes during a run (checkpointed as a whole)."""
+
+    step: int = 0  # rounds done (sync, hier) or arrivals delivered (async)
+    version: int = 0
+    clock: float = 0.0
+    dispatches: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    group_bytes_up: int = 0  # group ↔ server traffic (hier mode)
+    group_bytes_down: int = 0
+    updates_applied: int = 0
+    held: int = 0  # arrivals the strategy holds (e.g. buffered), applied with the next version
+    rejected: int = 0
+    dropped: int = 0
+    busy_time: float = 0.0
+    idle_time: float = 0.0
+    wall_offset: float = 0.0
+    metrics_lines: int = 0
+    time_to_target: float | None = None
+    last_finish: dict[int, float] = field(default_factory=dict)
+
+
+class Driver:
+    """Runs one experiment's federation over an executor (module docstring)."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        strategy: Strategy,
+        executor: Executor,
+        *,
+        show_progress: bool = False,
+        log: logging.Logger = _log,
+    ) -> None:
+        self.cfg = cfg
+        self.strategy = strategy
+        self.executor = executor
+        self.show_progress = show_progress
+        self.log = log
+        self.run_dir = cfg.run_dir
+        self.progress = RunProgress()
+        self.metrics: list[dict[str, Any]] = []
+        self.global_state: AdapterState = {}
+        self.infos: dict[int, ClientInfo] = {}
+        self._wall_start = time.perf_counter()
+
+    # ------------------------------------------------------------------ run
+    def run(self, init_state: AdapterState, *, resume: bool = False) -> RunResult:
+        """The whole run from ``init_state`` (or from the newest checkpoint)."""
+        infos = self.start()
+        restored = resume and self._restore(init_state, infos)
+        if not restored:
+            (self.run_dir / "metrics.jsonl").write_text("")
+            self.global_state = self.strategy.initialize(dict(init_state), infos)
+            self.log_row(self.evaluate_row({"step": 0}))
+        self._wall_start = time.perf_counter() - self.progress.wall_offset
+        mode = self.strategy.mode
+        fed = self.cfg.federation
+        total = fed.max_arrivals if mode == "async" else fed.rounds
+        loop = {"sync": self._run_sync, "async": self._run_async, "hier": self._run_hier}[mode]
+        try:
+            with self._progress_bar(total) as advance:
+                advance(self.progress.step)
+                loop(total, advance)
+        finally:
+            self.executor.close()
+        return self.finish()
+
+    def start(self) -> list[ClientInfo]:
+        """Connect the executor and write the run's config."""
+        infos = self.executor.connect()
+        self.infos = {info.client_id: info for info in infos}
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(self.cfg, self.run_dir / "config.yaml")
+        self._wall_start = time.perf_counter()
+        return infos
+
+    # --------------------------------------------------------------- sync
+    def _run_sync(self, rounds: int, advance) -> None:
+        fed = self.cfg.federation
+        p = self.progress
+        for rnd in range(p.step + 1, rounds + 1):
+            t0 = time.perf_counter()
+            online = np.array(self.executor.online(rnd), dtype=int)
+            rng = np.random.default_rng([self.cfg.seed, 17, rnd])
+            k = min(fed.clients_per_round, len(online))
+            n_sel = min(len(online), math.ceil(k * (1 + fed.over_selection)))
+            selected = sorted(rng.choice(online, n_sel, replace=False).tolist()) if k else []
+            crashed = {c for c in selected if rng.random() < self.executor.dropout}
+            instructions = self.strategy.configure(rnd, self.global_state, selected)
+            jobs = [(inst, round_event(rnd, inst.client_id)) for inst in instructions]
+            jobs = [job for job in jobs if job[0].client_id not in crashed]
+            runs, train_s = self._execute(jobs, deadline=fed.deadline_s)
+            faults = {str(r.client_id): r.fault for r in runs if r.fault}
+            rejections: dict[str, str] = {}
+            runs = sorted((r for r in runs if r.arrived), key=lambda r: (r.duration, r.client_id))
+            kept = list(islice((r for r in runs if self._accept(r, rejections)), k))
+            round_time = kept[-1].duration if kept else 0.0
+            if fed.deadline_s is not None:
+                on_time = [r for r in kept if r.duration <= fed.deadline_s]
+                if len(on_time) < len(kept):
+                    round_time = fed.deadline_s
+                kept = on_time
+            p.dropped += len(selected) - len(kept) - len(rejections)
+            updates = [r.update for r in kept if r.update is not None]
+            if updates:
+                self.global_state = self.strategy.aggregate(rnd, self.global_state, updates)
+                p.version += 1
+                p.updates_applied += len(updates)
+            for r in runs:
+                p.bytes_up += r.bytes_up
+                p.busy_time += min(r.duration, round_time)
+                p.idle_time += max(0.0, round_time - r.duration)
+            p.clock += round_time
+            p.step = rnd
+            row = {
+                "step": rnd,
+                "round": rnd,
+                "clients": len(updates),
+                "train_loss": _mean_loss(updates),
+                "round_time": round_time,
+                "overhead_s": time.perf_counter() - t0 - train_s,
+                "train_s": train_s,
+                "faults": faults,
+                "rejections": rejections,
+            }
+            self._end_step(row, rnd == rounds, advance)
+
+    def _execute(
+        self, jobs: list[tuple[Any, int]], *, deadline: float | None = None
+    ) -> tuple[list[ClientRun], float]:
+        """Run jobs on the executor (bytes down counted); returns the runs and the
+        wall seconds the executor took."""
+        for inst, _ in jobs:
+            inst.version = self.progress.version
+            self.progress.bytes_down += state_bytes(inst.state)
+        started = time.perf_counter()
+        runs = self.executor.execute(jobs, deadline=deadline) if jobs else []
+        return runs, time.perf_counter() - started
+
+    # -------------------------------------------------------------- async
+    def _run_async(self, max_arrivals: int, advance) -> None:
+        fed = self.cfg.federation
+        p = self.progress
+        if p.step == 0 and not self.executor.in_flight():
+            online = np.array(self.executor.online(0), dtype=int)
+            rng = np.random.default_rng([self.cfg.seed, 19, 0])
+            first = rng.choice(online, min(fed.concurrency, len(online)), replace=False)
+            for cid in sorted(first.tolist()):
+                self._dispatch(int(cid))
+        while p.step < max_arrivals and self.executor.in_flight():
+            t0 = time.perf_counter()
+            arrival = self.executor.next_arrival()
+            waited = time.perf_counter() - t0
+            run, cid = arrival.run, arrival.run.client_id
+            p.clock = arrival.time
+            p.last_finish[cid] = arrival.time
+            p.step += 1
+            p.busy_time += run.duration
+            row: dict[str, Any] = {"step": p.step, "arrival": p.step, "client": cid}
+            row["faults"] = {str(cid): run.fault} if run.fault else {}
+            row["rejections"] = {}
+            if arrival.lost or not run.arrived:
+                p.dropped += 1
+            else:
+                p.bytes_up += run.bytes_up
+                if self._accept(run, row["rejections"]) and run.update is not None:
+                    self.global_state, arrived = self.apply_arrival(self.global_state, run.update)
+                    row |= arrived
+            row["version"] = p.version
+            last = p.step == max_arrivals
+            if not last:
+                dispatched = time.perf_counter()
+                row["dispatched"], row["idle"] = self._redispatch(cid)
+                waited += time.perf_counter() - dispatched
+            row["train_s"] = waited
+            row["overhead_s"] = time.perf_counter() - t0 - waited
+            self._end_step(row, last, advance)
+
+    def apply_arrival(
+        self, state: AdapterState, update: ClientUpdate
+    ) -> tuple[AdapterState, dict[str, Any]]:
+        """One validated asynchronous arrival: stamp its staleness τ = version −
+        start version, hand it to ``strategy.on_arrival`` and keep the books (a
+        held update counts as applied when the strategy next moves the model).
+        Returns the new global state and the metrics-row fields."""
+        p = self.progress
+        update.staleness = p.version - update.version
+        new_state = self.strategy.on_arrival(state, update)
+        if new_state is None:
+            p.held += 1
+        else:
+            state = new_state
+            p.version += 1
+            p.updates_applied += 1 + p.held
+            p.held = 0
+        return state, {
+            "staleness": update.staleness,
+            "train_loss": update.metrics["train_loss"],
+            "applied": new_state is not None,
+        }
+
+    def _dispatch(self, cid: int) -> float:
+        """Start ``cid`` now; returns its idle time since its last arrival."""
+        p = self.progress
+        p.dispatches += 1
+        event = p.dispatches
+        idle = p.clock - p.last_finish.pop(cid, p.clock)
+        p.idle_time += idle
+        inst = self.strategy.configure(p.version, self.global_state, [cid])[0]
+        inst.version = p.version
+        p.bytes_down += state_bytes(inst.state)
+        dropout = self.executor.dropout
+        lost = bool(np.random.default_rng([self.cfg.seed, 23, event]).random() < dropout)
+        self.executor.submit(inst, event, p.clock, lost=lost)
+        return idle
+
+    def _redispatch(self, arrived: int) -> tuple[int, float]:
+        """Keep ``concurrency`` clients in flight (module docstring); returns the
+        client dispatched and its idle time."""
+        p = self.progress
+        online = self.executor.online(p.dispatches + 1)
+        restart = self.cfg.federation.restart == "same" or self.strategy.restart_same_client
+        if restart and arrived in online:
+            return arrived, self._dispatch(arrived)
+        p.last_finish.pop(arrived, None)  # released: free, not idle
+        busy = self.executor.in_flight()
+        idle = [c for c in online if c not in busy] or [arrived]
+        rng = np.random.default_rng([self.cfg.seed, 29, p.dispatches])
+        chosen = int(rng.choice(idle))
+        return chosen, self._dispatch(chosen)
+
+    # -------------------------------------------------------- hierarchical
+    def _run_hier(self, rounds: int, advance) -> None:
+        fed = self.cfg.federation
+        if fed.over_selection or fed.deadline_s is not None:
+            raise FedhetError(
+                "federation.over_selection / federation.deadline_s: not supported by the "
+                f"hierarchical strategy {self.strategy.name!r}"
+            )
+        p, strategy = self.progress, self.strategy
+        cost = self.executor.planner_costs()
+        for rnd in range(p.step + 1, rounds + 1):
+            t0 = time.perf_counter()
+            train_s = 0.0
+            results: list[GroupResult] = []
+            groups: dict[str, dict[str, Any]] = {}
+            times: dict[int, float] = {}
+            losses: list[float] = []
+            faults: dict[str, str] = {}
+            rejections: dict[str, str] = {}
+            applied = 0
+            for plan in strategy.plan_round(rnd, self.executor.online(rnd), cost):
+                group_state = dict(self.global_state)
+                down = state_bytes(group_state)
+                p.group_bytes_down += down
+                elapsed = 8 * down / cost.group_down_bps
+                contributors: set[int] = set()
+                stages = []
+                for stage in range(plan.stages):
+                    crash = np.random.default_rng([self.cfg.seed, 37, rnd, plan.group, stage])
+                    jobs = []
+                    for inst in strategy.configure_group(rnd, plan, stage, group_state):
+                        if crash.random() < self.executor.dropout:
+                            p.dropped += 1
+                        else:
+                            jobs.append((inst, stage_event(rnd, stage, inst.client_id)))
+                    runs, seconds = self._execute(jobs)
+                    train_s += seconds
+                    faults |= {str(r.client_id): r.fault for r in runs if r.fault}
+                    p.dropped += sum(not r.arrived for r in runs)
+                    runs = [r for r in runs if r.arrived]
+                    accepted = []
+                    for r in runs:
+                        p.bytes_up += r.bytes_up
+                        if self._accept(r, rejections) and r.update is not None:
+                            r.update.metrics["duration"] = r.duration
+                            accepted.append(r.update)
+                    stage_time = max((r.duration for r in runs), default=0.0)
+                    for r in runs:
+                        p.busy_time += r.duration
+                        p.idle_time += stage_time - r.duration
+                    group_state = strategy.aggregate_group(plan, stage, group_state, accepted)
+                    contributors |= {u.client_id for u in accepted}
+                    losses += [u.metrics["train_loss"] for u in accepted]
+                    applied += len(accepted)
+                    elapsed += stage_time
+                    stages.append(
+                        {
+                            "members": [r.client_id for r in runs],
+                            "steps": [int(r.update.metrics["steps"]) for r in runs if r.update],
+                            "time": stage_time,
+                        }
+                    )
+                if contributors:
+                    upload = select_layers(group_state, plan.layers)
+                    p.group_bytes_up += state_bytes(upload)
+                    elapsed += 8 * state_bytes(upload) / cost.group_up_bps
+                    size = sum(self.infos[c].num_samples for c in contributors)
+                    results.append(GroupResult(plan.group, upload, size, list(plan.layers)))
+                times[plan.group] = elapsed
+                groups[str(plan.group)] = {
+                    "tau": plan.tau,
+                    "depth": plan.depth,
+                    "stages": plan.stages,
+                    "members": list(plan.members),
+                    "planned_time": plan.planned_time,
+                    "time": elapsed,
+                    "stage_log": stages,
+                }
+            round_time = max(times.values(), default=0.0)
+            for g, elapsed in times.items():
+                p.idle_time += (round_time - elapsed) * len(groups[str(g)]["members"])
+            if results:
+                self.global_state = strategy.aggregate_groups(rnd, self.global_state, results)
+                p.version += 1
+                p.updates_applied += applied
+            p.clock += round_time
+            p.step = rnd
+            ran = {c for g in groups.values() for s in g["stage_log"] for c in s["members"]}
+            row = {
+                "step": rnd,
+                "round": rnd,
+                "clients": len(ran),
+                "train_loss": float(np.mean(losses)) if losses else None,
+                "round_time": round_time,
+                "overhead_s": time.perf_counter() - t0 - train_s,
+                "train_s": train_s,
+                "group_bytes_up": p.group_bytes_up,
+                "group_bytes_down": p.group_bytes_down,
+                "groups": groups,
+                "faults": faults,
+                "rejections": rejections,
+            }
+            self._end_step(row, rnd == rounds, advance)
+
+    # ----------------------------------------------------------- each step
+    def _accept(self, run: ClientRun, rejections: dict[str, str]) -> bool:
+        """Validate an arrived update (:mod:`fedhet.runtime.validation`); a
+        rejected one is counted and its reason recorded under its client id."""
+        fed = self.cfg.federation
+        reason = run.rejection or validate_update(
+            run.update,
+            run.expected,
+            version=self.progress.version,
+            max_staleness=fed.max_staleness,
+            max_norm=fed.max_update_norm,
+        )
+        if reason is not None:
+            self.progress.rejected += 1
+            rejections[str(run.client_id)] = reason
+            self.log.warning("rejected the update of client %d: %s", run.client_id, reason)
+        return reason is None
+
+    def _end_step(self, row: dict[str, Any], last: bool, advance) -> None:
+        """Close a round or arrival: evaluate when due, log the row, checkpoint
+        when due, advance the progress bar."""
+        step = self.progress.step
+        if step % self.cfg.eval.every == 0 or last:
+            row = self.evaluate_row(row)
+        self.log_row(row)
+        if self.executor.resumable and (step % self.cfg.federation.checkpoint_every == 0 or last):
+            self.checkpoint()
+        advance(step)
+
+    def evaluate_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        """``row`` with the executor's evaluation of the global state; records the
+        first time the global metric reaches ``eval.target``."""
+        t0 = time.perf_counter()
+        row |= self.executor.evaluate(self.strategy, self.global_state)
+        row["eval_s"] = time.perf_counter() - t0
+        key = result_key(self.cfg.eval.metric)
+        target, value = self.cfg.eval.target, row.get(f"global_{key}")
+        reached = value is not None and target is not None and (
+            value <= target if key == "loss" else value >= target
+        )
+        if reached and self.progress.time_to_target is None:
+            self.progress.time_to_target = self.progress.clock
+        return row
+
+    def log_row(self, row: dict[str, Any]) -> None:
+        """Complete ``row`` with the run's counters and append it to metrics.jsonl."""
+        p = self.progress
+        if self.executor.virtual:
+            row["virtual_time"] = p.clock
+        row |= {
+            "wall_time": time.perf_counter() - self._wall_start,
+            "version": p.version,
+            "bytes_up": p.bytes_up,
+            "bytes_down": p.bytes_down,
+            "updates_applied": p.updates_applied,
+            "dropped": p.dropped,
+            "rejected": p.rejected,
+            "idle_fraction": p.idle_time / max(1e-12, p.idle_time + p.busy_time),
+            **self.strategy.metrics(),
+        }
+        self.metrics.append(row)
+        with open(self.run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        p.metrics_lines += 1
+        self.log.info("step %d: %s", row["step"], _brief(row))
+
+    @contextmanager
+    def _progress_bar(self, total: int) -> Iterator[Any]:
+        bar = Progress(
+            TextColumn(f"[bold]{self.cfg.name}[/] {self.cfg.strategy.name}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            disable=not self.show_progress,
+        )
+        with bar:
+            task = bar.add_task("run", total=total)
+            yield lambda done: bar.update(task, completed=done)
+
+    # ---------------------------------------------------------- checkpoints
+    def checkpoint(self) -> None:
+        """Write the run's state atomically (driver, strategy and executor)."""
+        p = self.progress
+        p.wall_offset = time.perf_counter() - self._wall_start
+        save_checkpoint(
+            self.run_dir / "checkpoints",
+            p.step,
+            {
+                "progress": p,
+                "global_state": self.global_state,
+                "strategy": self.strategy.state_dict(),
+                "executor": self.executor.state_dict(),
+            },
+        )
+
+    def _restore(self, init_state: AdapterState, infos: list[ClientInfo]) -> bool:
+        payload = load_latest(self.run_dir / "checkpoints")
+        if payload is None:
+            return False
+        self.progress = payload["progress"]
+        self.global_state = payload["global_state"]
+        self.strategy.initialize(dict(init_state), infos)
+        self.strategy.load_state_dict(payload["strategy"])
+        self.executor.load_state_dict(payload["executor"])
+        path = self.run_dir / "metrics.jsonl"
+        lines = path.read_text().splitlines()[: self.progress.metrics_lines]
+        path.write_text("".join(line + "\n" for line in lines))
+        self.metrics = [json.loads(line) for line in lines]
+        return True
+
+    # -------------------------------------------------------------- outputs
+    def finish(self) -> RunResult:
+        """Write the final adapter (a PEFT folder), metrics.csv and summary.md."""
+        final = self.strategy.evaluation_state(self.global_state)
+        save_adapter(final, self.run_dir / "final_adapter", self.cfg.lora, self.cfg.model.name)
+        summary = write_outputs(self.run_dir, self.cfg, self.metrics, self.progress.time_to_target)
+        return RunResult(final, self.metrics, summary, self.run_dir)
+
+
+def _mean_loss(updates: list[ClientUpdate]) -> float | None:
+    if not updates:
+        return None
+    return float(np.mean([u.metrics["train_loss"] for u in updates]))
+
+
+def _brief(row: dict[str, Any]) -> str:
+    shown = {k: v for k, v in row.items() if k.startswith(("global_", "train_loss"))}
+    return ", ".join(f"{k}={v:.4g}" for k, v in shown.items() if isinstance(v, float)) or "-"
