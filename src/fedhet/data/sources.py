@@ -49,12 +49,9 @@ category use the source name as ``category`` so that mixed sources can be told a
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import os
-import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -62,299 +59,15 @@ from typing import Any
 
 import numpy as np
 
+from fedhet.data import converters, readers
+from fedhet.data.converters import Converter
+from fedhet.data.readers import Reader, Row
 from fedhet.data.records import Record
 from fedhet.errors import FedhetError
-
-Row = dict[str, Any]
-Reader = Callable[[Path], Iterator[tuple[str, Row]]]
-"""Yields ``(where, row)``: ``where`` names the file and line (or item) for error messages."""
-Converter = Callable[[Row], Record]
-"""Turns one row into a Record; raises ValueError with a short reason on a bad row."""
 
 _REPO_ROOT = Path(__file__).resolve().parents[3]
 _RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(Record))
 _REQUIRED_FIELDS = ("instruction", "response")
-
-
-# --------------------------------------------------------------------------- readers
-
-
-def _read_json(path: Path) -> Iterator[tuple[str, Row]]:
-    """A JSON array of objects; ``where`` is the 1-based item number."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise FedhetError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
-    if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
-        raise FedhetError(f"{path}: expected a JSON array of objects")
-    for i, row in enumerate(data, 1):
-        yield f"{path} item {i}", row
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[str, Row]]:
-    """One JSON object per line; blank lines are skipped; ``where`` is ``path:line``."""
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise FedhetError(f"{path}:{n}: malformed JSON line ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise FedhetError(f"{path}:{n}: expected a JSON object")
-            yield f"{path}:{n}", row
-
-
-def _read_table(
-    path: Path, *, delimiter: str, header: tuple[str, ...] | None = None
-) -> Iterator[tuple[str, Row]]:
-    """CSV (standard quoting) or TSV (no quoting: quotes are text, as in GLUE).
-
-    The first line is the header unless ``header`` gives the column names. A row with
-    too few or too many columns is an error naming its line.
-    """
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, fieldnames=header, delimiter=delimiter, quoting=quoting)
-        try:
-            for row in reader:
-                if None in row or None in row.values():
-                    raise FedhetError(
-                        f"{path}:{reader.line_num}: expected {len(reader.fieldnames or ())} "
-                        f"columns {tuple(reader.fieldnames or ())}"
-                    )
-                yield f"{path}:{reader.line_num}", row
-        except csv.Error as exc:
-            raise FedhetError(f"{path}:{reader.line_num}: {exc}") from None
-
-
-def _read_trec(path: Path) -> Iterator[tuple[str, Row]]:
-    """Lines ``COARSE:fine question``."""
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            label, _, question = line.strip().partition(" ")
-            coarse, colon, fine = label.partition(":")
-            if not colon or not question:
-                raise FedhetError(f"{path}:{n}: expected 'COARSE:fine question'")
-            yield f"{path}:{n}", {"coarse": coarse, "fine": fine, "question": question}
-
-
-def _read_superni(path: Path) -> Iterator[tuple[str, Row]]:
-    """A Super-NaturalInstructions task file: one row per instance, with task-level fields.
-
-    Each row carries ``task`` (file stem), ``definition``, ``input``, ``output`` (the list of
-    acceptable outputs) and ``options`` (see the module docstring).
-    """
-    try:
-        task = json.loads(path.read_text(encoding="utf-8"))
-        definition = task["Definition"]
-        instances = task["Instances"]
-        categories = task.get("Categories", [])
-    except json.JSONDecodeError as exc:
-        raise FedhetError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
-    except (KeyError, TypeError):
-        raise FedhetError(f"{path}: not a task file (needs Definition and Instances)") from None
-    if isinstance(definition, list):  # the official SNI files store it as a list
-        definition = "\n".join(definition)
-    firsts = {str(inst["output"][0]) for inst in instances if inst.get("output")}
-    options = tuple(sorted(firsts)) if "Classification" in categories and len(firsts) <= 10 else ()
-    for i, inst in enumerate(instances, 1):
-        row = {"task": path.stem, "definition": definition, "options": options, **inst}
-        yield f"{path} instance {i}", row
-
-
-def _read_math(path: Path) -> Iterator[tuple[str, Row]]:
-    """A math_word_problems JSON file; adds ``benchmark``, the file name before ``_``."""
-    benchmark = path.stem.split("_")[0]
-    for where, row in _read_json(path):
-        yield where, {**row, "benchmark": benchmark}
-
-
-# ------------------------------------------------------------------------ converters
-
-
-def _text(row: Row, key: str) -> str:
-    """The field as text; numbers and booleans are written out, anything else is an error."""
-    value = row.get(key)
-    if value is None:
-        raise ValueError(f"missing field {key!r}")
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (str, int, float)):
-        return str(value)
-    raise ValueError(f"field {key!r} is not text")
-
-
-def _label(row: Row, key: str, options: tuple[str, ...]) -> str:
-    """A label given by name or by its index into ``options`` (the hub stores indices)."""
-    value = _text(row, key).strip()
-    if value in options:
-        return value
-    if value.isdigit() and int(value) < len(options):
-        return options[int(value)]
-    raise ValueError(f"label {value!r} in field {key!r} is not one of {options}")
-
-
-def _number(value: str) -> str:
-    """A numeric answer without thousands separators; integral values without ``.0``."""
-    text = value.strip().replace(",", "")
-    try:
-        number = float(text)
-    except ValueError:
-        return text
-    return str(int(number)) if number.is_integer() else text
-
-
-def _classification(
-    instruction: str, label: str, options: tuple[str, ...], context: str = ""
-) -> Record:
-    return Record(instruction, label, context=context, category=label, options=options)
-
-
-def _dolly(row: Row) -> Record:
-    return Record(
-        _text(row, "instruction"),
-        _text(row, "response"),
-        context=_text(row, "context"),
-        category=_text(row, "category"),
-    )
-
-
-def _gsm8k(row: Row) -> Record:
-    answer = _text(row, "answer")
-    if "####" not in answer:
-        raise ValueError("field 'answer' has no final '#### <number>' line")
-    final = _number(answer.rsplit("####", 1)[1])
-    return Record(_text(row, "question"), answer, category="gsm8k", answer=final)
-
-
-_SST2 = ("negative", "positive")
-_AGNEWS = ("World", "Sports", "Business", "Sci/Tech")
-_RTE = ("entailment", "not_entailment")
-_TREC = {
-    "ABBR": "abbreviation",
-    "DESC": "description",
-    "ENTY": "entity",
-    "HUM": "human",
-    "LOC": "location",
-    "NUM": "number",
-}
-_BOOLQ = ("true", "false")
-
-
-def _sst2(row: Row) -> Record:
-    sentence = _text(row, "sentence").strip()
-    return _classification(
-        f"Classify the sentiment of the sentence as negative or positive.\nSentence: {sentence}",
-        _label(row, "label", _SST2),
-        _SST2,
-    )
-
-
-def _agnews(row: Row) -> Record:
-    return _classification(
-        "Classify the news article into one of the topics World, Sports, Business or "
-        f"Sci/Tech.\nArticle: {_text(row, 'text').strip()}",
-        _label(row, "label", _AGNEWS),
-        _AGNEWS,
-    )
-
-
-def _rte(row: Row) -> Record:
-    return _classification(
-        "Does the passage entail the hypothesis? Answer entailment or not_entailment.\n"
-        f"Hypothesis: {_text(row, 'hypothesis').strip()}",
-        _label(row, "label", _RTE),
-        _RTE,
-        context=_text(row, "premise").strip(),
-    )
-
-
-def _trec(row: Row) -> Record:
-    coarse = _text(row, "coarse")
-    if coarse not in _TREC:
-        raise ValueError(f"unknown TREC coarse label {coarse!r}")
-    return _classification(
-        "Classify the question by the type of its answer: abbreviation, description, "
-        f"entity, human, location or number.\nQuestion: {_text(row, 'question')}",
-        _TREC[coarse],
-        tuple(_TREC.values()),
-    )
-
-
-def _boolq(row: Row) -> Record:
-    return _classification(
-        _text(row, "instruction"),
-        _label(row, "answer", _BOOLQ),
-        _BOOLQ,
-        context=_text(row, "input"),
-    )
-
-
-def _superni(row: Row) -> Record:
-    outputs = row.get("output")
-    if not isinstance(outputs, list) or not outputs:
-        raise ValueError("field 'output' is not a non-empty list")
-    return Record(
-        f"{_text(row, 'definition')}\n\n{_text(row, 'input')}",
-        str(outputs[0]),
-        category=_text(row, "task"),
-        options=row["options"],
-    )
-
-
-def _instruction_input_output(row: Row, *, category: str) -> Record:
-    return Record(
-        _text(row, "instruction"),
-        _text(row, "output"),
-        context=_text(row, "input"),
-        category=category,
-    )
-
-
-_CHOICES = ("A", "B", "C", "D", "E")
-
-
-def _math(row: Row) -> Record:
-    benchmark = _text(row, "benchmark")
-    mawps = "ans" in row  # MAWPS keeps its original fields
-    instruction = _text(row, "original_text" if mawps else "instruction").strip()
-    context = "" if mawps else _text(row, "input")
-    answer = _text(row, "ans" if mawps else "answer")
-    options = _CHOICES if benchmark in ("aqua", "mathqa") else ()
-    answer = answer.strip() if options else _number(answer)
-    return Record(
-        instruction, answer, context=context, category=benchmark, options=options, answer=answer
-    )
-
-
-_MMLU_OPTIONS = re.compile(r"Options: A\. (.*), B\. (.*), C\. (.*), D\. (.*)", re.DOTALL)
-_MMLU_ANSWER = re.compile(r"The answer is: ([A-D])\.")
-
-
-def _mmlu(row: Row) -> Record:
-    question, response = _text(row, "input"), _text(row, "output")
-    found = _MMLU_OPTIONS.search(question)
-    options = (
-        tuple(
-            f"The answer is: {letter}. {text}"
-            for letter, text in zip("ABCD", found.groups(), strict=True)
-        )
-        if found
-        else ()
-    )
-    letter = _MMLU_ANSWER.match(response)
-    return Record(
-        _text(row, "instruction"),
-        response,
-        context=question,
-        category=_text(row, "class"),
-        options=options if response in options else (),
-        answer=letter.group(1) if letter else "",
-    )
 
 
 # --------------------------------------------------------------------------- registry
@@ -391,77 +104,83 @@ SOURCES: dict[str, Source] = {
     "dolly": Source(
         "dolly15k",
         {"train": "databricks-dolly-15k.jsonl"},
-        _read_jsonl,
-        _dolly,
+        readers.read_jsonl,
+        converters.dolly,
         hub=Hub("databricks/databricks-dolly-15k", None, {"train": "train"}),
     ),
     "gsm8k": Source(
         "gsm8k",
         {"train": "train.jsonl", "test": "test.jsonl"},
-        _read_jsonl,
-        _gsm8k,
+        readers.read_jsonl,
+        converters.gsm8k,
         hub=Hub("openai/gsm8k", "main", {"train": "train", "test": "test"}),
     ),
     "sst2": Source(
         "glue_sst2",
         {"train": "train.tsv", "dev": "dev.tsv", "test": "test.tsv"},
-        partial(_read_table, delimiter="\t"),
-        _sst2,
+        partial(readers.read_table, delimiter="\t"),
+        converters.sst2,
         hub=Hub("nyu-mll/glue", "sst2", {"train": "train", "test": "validation"}),
     ),
     "agnews": Source(
         "agnews_alps",
         {"dev": "dev.tsv", "test": "test.tsv"},
-        partial(_read_table, delimiter="\t", header=("text", "label")),
-        _agnews,
+        partial(readers.read_table, delimiter="\t", header=("text", "label")),
+        converters.agnews,
         hub=Hub("fancyzhx/ag_news", None, {"test": "test"}),
     ),
     "rte": Source(
         "superglue_rte",
         {"train": "train.jsonl", "val": "val.jsonl"},
-        _read_jsonl,
-        _rte,
+        readers.read_jsonl,
+        converters.rte,
         unlabelled=("test",),
         hub=Hub("aps/super_glue", "rte", {"train": "train", "val": "validation"}),
     ),
-    "trec": Source("trec", {"train": "train.txt", "test": "test.txt"}, _read_trec, _trec),
-    "boolq": Source("boolq", {"train": "train.json", "test": "test.json"}, _read_json, _boolq),
+    "trec": Source(
+        "trec", {"train": "train.txt", "test": "test.txt"}, readers.read_trec, converters.trec
+    ),
+    "boolq": Source(
+        "boolq", {"train": "train.json", "test": "test.json"}, readers.read_json, converters.boolq
+    ),
     "superni": Source(
         "superni_tasks_subset",
         {"train": "task*.json"},
-        _read_superni,
-        _superni,
+        readers.read_superni,
+        converters.superni,
         task_files=True,
     ),
     "alpaca": Source(
         "alpaca_gpt4_en_demo",
         {"train": "alpaca_en_demo.json"},
-        _read_json,
-        partial(_instruction_input_output, category="alpaca"),
+        readers.read_json,
+        partial(converters.instruction_input_output, category="alpaca"),
         hub=Hub("vicgalle/alpaca-gpt4", None, {"train": "train"}),
     ),
     "code_alpaca": Source(
         "code_alpaca_2k",
         {"train": "code_alpaca_2k.json"},
-        _read_json,
-        partial(_instruction_input_output, category="code_alpaca"),
+        readers.read_json,
+        partial(converters.instruction_input_output, category="code_alpaca"),
         hub=Hub("sahil2801/CodeAlpaca-20k", None, {"train": "train"}),
     ),
     "math_word_problems": Source(
         "math_word_problems",
         {"train": "mawps_train.json", "valid": "mawps_valid.json", "test": "*_test.json"},
-        _read_math,
-        _math,
+        readers.read_math,
+        converters.math,
     ),
-    "mmlu": Source("mmlu_subset", {"test": "mmlu_test_1444.json"}, _read_json, _mmlu),
+    "mmlu": Source(
+        "mmlu_subset", {"test": "mmlu_test_1444.json"}, readers.read_json, converters.mmlu
+    ),
 }
 """Named sources, by the name given to :func:`load_source`."""
 
 FORMATS: dict[str, Reader] = {
-    "json": _read_json,
-    "jsonl": _read_jsonl,
-    "csv": partial(_read_table, delimiter=","),
-    "tsv": partial(_read_table, delimiter="\t"),
+    "json": readers.read_json,
+    "jsonl": readers.read_jsonl,
+    "csv": partial(readers.read_table, delimiter=","),
+    "tsv": partial(readers.read_table, delimiter="\t"),
 }
 """Generic file formats, read from ``path`` through a field mapping (first line = header)."""
 
@@ -499,7 +218,10 @@ def _field_converter(fields: Mapping[str, str] | None, path: Path) -> Converter:
                 if name in mapping or name in _REQUIRED_FIELDS:
                     raise ValueError(f"missing column {column!r} for Record field {name!r}")
                 continue
-            values[name] = _options(row[column]) if name == "options" else _text(row, column)
+            if name == "options":
+                values[name] = _options(row[column])
+            else:
+                values[name] = converters.text(row, column)
         return Record(**values)
 
     return convert

@@ -43,11 +43,7 @@ row's ``groups`` logs τ, d, K, planned and actual time and per stage the member
 their local steps and the stage's time. ``clients_per_round``,
 ``over_selection`` and ``deadline_s`` do not apply (the last two are refused).
 
-Accounting (every mode): bytes down are counted for every instruction run,
-bytes up for every reply that arrived (rejected ones too); busy time is each
-run's duration, idle time a client's wait for the round's slowest (sync, hier)
-or for its re-dispatch (async). ``overhead_s`` is the driver's own time in a
-step (selection, validation, aggregation), outside the executor's ``train_s``.
+Counters and their meaning: :class:`~fedhet.runtime.progress.RunProgress`.
 """
 
 from __future__ import annotations
@@ -56,15 +52,10 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from itertools import islice
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from fedhet.client.evaluate import result_key
 from fedhet.config import ExperimentConfig, dump_config
@@ -74,42 +65,11 @@ from fedhet.protocol import ClientInfo, ClientUpdate, GroupResult
 from fedhet.reports.summary import write_outputs
 from fedhet.runtime.checkpoint import load_latest, save_checkpoint
 from fedhet.runtime.executor import ClientRun, Executor, round_event, stage_event
+from fedhet.runtime.progress import RunProgress, RunResult, brief, mean_loss, progress_bar
 from fedhet.runtime.validation import validate_update
 from fedhet.strategies.base import Strategy
 
 _log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunResult:
-    state: AdapterState
-    metrics: list[dict[str, Any]]
-    summary: dict[str, Any]
-    run_dir: Path
-
-
-@dataclass
-class RunProgress:
-    """Everything the driver changes during a run (checkpointed as a whole)."""
-
-    step: int = 0  # rounds done (sync, hier) or arrivals delivered (async)
-    version: int = 0
-    clock: float = 0.0
-    dispatches: int = 0
-    bytes_up: int = 0
-    bytes_down: int = 0
-    group_bytes_up: int = 0  # group ↔ server traffic (hier mode)
-    group_bytes_down: int = 0
-    updates_applied: int = 0
-    held: int = 0  # arrivals the strategy holds (e.g. buffered), applied with the next version
-    rejected: int = 0
-    dropped: int = 0
-    busy_time: float = 0.0
-    idle_time: float = 0.0
-    wall_offset: float = 0.0
-    metrics_lines: int = 0
-    time_to_target: float | None = None
-    last_finish: dict[int, float] = field(default_factory=dict)
 
 
 class Driver:
@@ -151,7 +111,7 @@ class Driver:
         total = fed.max_arrivals if mode == "async" else fed.rounds
         loop = {"sync": self._run_sync, "async": self._run_async, "hier": self._run_hier}[mode]
         try:
-            with self._progress_bar(total) as advance:
+            with progress_bar(self.cfg, total, show=self.show_progress) as advance:
                 advance(self.progress.step)
                 loop(total, advance)
         finally:
@@ -209,7 +169,7 @@ class Driver:
                 "step": rnd,
                 "round": rnd,
                 "clients": len(updates),
-                "train_loss": _mean_loss(updates),
+                "train_loss": mean_loss(updates),
                 "round_time": round_time,
                 "overhead_s": time.perf_counter() - t0 - train_s,
                 "train_s": train_s,
@@ -449,17 +409,18 @@ class Driver:
         when due, advance the progress bar."""
         step = self.progress.step
         if step % self.cfg.eval.every == 0 or last:
-            row = self.evaluate_row(row)
+            row = self.evaluate_row(row, final=last)
         self.log_row(row)
         if self.executor.resumable and (step % self.cfg.federation.checkpoint_every == 0 or last):
             self.checkpoint()
         advance(step)
 
-    def evaluate_row(self, row: dict[str, Any]) -> dict[str, Any]:
-        """``row`` with the executor's evaluation of the global state; records the
-        first time the global metric reaches ``eval.target``."""
+    def evaluate_row(self, row: dict[str, Any], *, final: bool = False) -> dict[str, Any]:
+        """``row`` with the executor's evaluation of the global state (``final``:
+        the run's last); records the first time the global metric reaches
+        ``eval.target``."""
         t0 = time.perf_counter()
-        row |= self.executor.evaluate(self.strategy, self.global_state)
+        row |= self.executor.evaluate(self.strategy, self.global_state, final=final)
         row["eval_s"] = time.perf_counter() - t0
         key = result_key(self.cfg.eval.metric)
         target, value = self.cfg.eval.target, row.get(f"global_{key}")
@@ -490,21 +451,7 @@ class Driver:
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
         p.metrics_lines += 1
-        self.log.info("step %d: %s", row["step"], _brief(row))
-
-    @contextmanager
-    def _progress_bar(self, total: int) -> Iterator[Any]:
-        bar = Progress(
-            TextColumn(f"[bold]{self.cfg.name}[/] {self.cfg.strategy.name}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            disable=not self.show_progress,
-        )
-        with bar:
-            task = bar.add_task("run", total=total)
-            yield lambda done: bar.update(task, completed=done)
+        self.log.info("step %d: %s", row["step"], brief(row))
 
     # ---------------------------------------------------------- checkpoints
     def checkpoint(self) -> None:
@@ -550,8 +497,3 @@ def _mean_loss(updates: list[ClientUpdate]) -> float | None:
     if not updates:
         return None
     return float(np.mean([u.metrics["train_loss"] for u in updates]))
-
-
-def _brief(row: dict[str, Any]) -> str:
-    shown = {k: v for k, v in row.items() if k.startswith(("global_", "train_loss"))}
-    return ", ".join(f"{k}={v:.4g}" for k, v in shown.items() if isinstance(v, float)) or "-"

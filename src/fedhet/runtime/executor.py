@@ -139,9 +139,12 @@ class Executor(ABC):
         """Asynchronous: the clients whose update has not arrived yet."""
 
     @abstractmethod
-    def evaluate(self, strategy: Strategy, state: AdapterState) -> dict[str, Any]:
+    def evaluate(
+        self, strategy: Strategy, state: AdapterState, *, final: bool = False
+    ) -> dict[str, Any]:
         """Evaluation fields of a metrics row for the global ``state`` (global,
-        local and unseen clients, as far as the executor can)."""
+        local and unseen clients, as far as the executor can; ``final``: the
+        run's last evaluation)."""
 
     @abstractmethod
     def planner_costs(self) -> CostModel:

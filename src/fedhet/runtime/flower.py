@@ -363,7 +363,9 @@ class FlowerExecutor(Executor):
             log.info("%d updates still in flight at the end are ignored", len(self.pending))
 
     # ------------------------------------------------------------ evaluation
-    def evaluate(self, strategy: Strategy, state: AdapterState) -> dict[str, Any]:
+    def evaluate(
+        self, strategy: Strategy, state: AdapterState, *, final: bool = False
+    ) -> dict[str, Any]:
         row: dict[str, Any] = {}
         ev = self.cfg.eval
         if self.global_test:
@@ -376,7 +378,7 @@ class FlowerExecutor(Executor):
                 max_length=self.cfg.data.max_length,
             )
             row |= {f"global_{k}": v for k, v in glob.items()}
-        if not self.pending:  # nodes busy training are not asked to evaluate
+        if final or not self.pending:  # nodes busy training are asked only at the end
             row |= self._evaluate_local(state)
         return row
 

@@ -237,7 +237,9 @@ class Simulation(Executor):
         self._heap = sd["in_flight"]
 
     # ---------------------------------------------------------- evaluation
-    def evaluate(self, strategy: Strategy, state: AdapterState) -> dict[str, Any]:
+    def evaluate(
+        self, strategy: Strategy, state: AdapterState, *, final: bool = False
+    ) -> dict[str, Any]:
         ev, max_length = self.cfg.eval, self.cfg.data.max_length
         key = result_key(ev.metric)
         global_state = strategy.evaluation_state(state)

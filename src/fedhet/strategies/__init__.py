@@ -6,12 +6,11 @@ to the class; ``build_strategy`` constructs one from a name and parameters.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from fedhet.errors import FedhetError
 from fedhet.protocol import ClientInfo, ClientUpdate, Instruction
-from fedhet.strategies.base import Strategy
+from fedhet.strategies.base import Strategy, instantiate
 from fedhet.strategies.dp_fedavg import DPFedAvg
 from fedhet.strategies.fedasync import FedAsync
 from fedhet.strategies.fedbuff import FedBuff
@@ -49,19 +48,7 @@ def build_strategy(name: str, params: dict[str, Any] | None = None) -> Strategy:
     :class:`FedhetError` naming them."""
     if name not in STRATEGIES:
         raise FedhetError(f"strategy.name: unknown strategy {name!r}; known: {sorted(STRATEGIES)}")
-    cls = STRATEGIES[name]
-    params = params or {}
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    unknown = set(params) - accepted
-    if unknown:
-        raise FedhetError(
-            f"strategy.params: {sorted(unknown)} not accepted by {name!r}; "
-            f"accepted: {sorted(accepted)}"
-        )
-    try:
-        return cls(**params)
-    except (TypeError, ValueError) as err:
-        raise FedhetError(f"strategy.params for {name!r}: {err}") from err
+    return instantiate(STRATEGIES[name], params)
 
 
 __all__ = [

@@ -32,11 +32,13 @@ lives on the object and must round-trip through :meth:`state_dict` /
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC
 from typing import Any, ClassVar, Literal
 
 import torch
 
+from fedhet.errors import FedhetError
 from fedhet.model.lora import AdapterState
 from fedhet.protocol import (
     ClientInfo,
@@ -129,6 +131,23 @@ class Strategy(ABC):
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:  # noqa: B027 (optional hook)
         """Restore what :meth:`state_dict` returned."""
+
+
+def instantiate(cls: type[Strategy], params: dict[str, Any] | None = None) -> Strategy:
+    """``cls(**params)``; parameters it does not accept, or values it refuses,
+    raise :class:`FedhetError` naming them (``strategy.params``)."""
+    params = params or {}
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    unknown = set(params) - accepted
+    if unknown:
+        raise FedhetError(
+            f"strategy.params: {sorted(unknown)} not accepted by {cls.name!r}; "
+            f"accepted: {sorted(accepted)}"
+        )
+    try:
+        return cls(**params)
+    except (TypeError, ValueError) as err:
+        raise FedhetError(f"strategy.params for {cls.name!r}: {err}") from err
 
 
 def require_nonempty(updates: list[ClientUpdate], who: str) -> None:

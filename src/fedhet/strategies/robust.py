@@ -43,11 +43,15 @@ from fedhet.strategies.base import (
     Strategy,
     apply_delta,
     data_weights,
+    instantiate,
     require_nonempty,
     weighted_average,
 )
+from fedhet.strategies.fedit import FedIT
+from fedhet.strategies.fedprox import FedProx
+from fedhet.strategies.ffa_lora import FFALoRA
 
-AVERAGING = ("fedit", "fedprox", "ffa-lora")
+AVERAGING: dict[str, type[Strategy]] = {"fedit": FedIT, "fedprox": FedProx, "ffa-lora": FFALoRA}
 """Strategies whose aggregate is a mean of the uploads: the ones a wrapper accepts."""
 
 Aggregator = Literal["mean", "median", "trimmed_mean"]
@@ -114,11 +118,9 @@ class AveragingWrapper(Strategy):
     :meth:`own_state` / :meth:`load_own_state`."""
 
     def __init__(self, base: str, base_params: dict[str, Any] | None) -> None:
-        from fedhet.strategies import build_strategy  # the registry imports this module
-
         if base not in AVERAGING:
-            raise ValueError(f"base must be one of {AVERAGING}, got {base!r}")
-        self.base = build_strategy(base, base_params)
+            raise ValueError(f"base must be one of {tuple(AVERAGING)}, got {base!r}")
+        self.base = instantiate(AVERAGING[base], base_params)
 
     def combine(
         self, rnd: int, deltas: list[AdapterState], updates: list[ClientUpdate]

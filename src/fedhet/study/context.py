@@ -42,25 +42,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import matplotlib
 import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from fedhet.client.evaluate import evaluate, result_key
+from fedhet.client.evaluate import result_key
 from fedhet.client.train import local_update
 from fedhet.config import ExperimentConfig, apply_overrides, validate_config
 from fedhet.data.context import QUANTITY_LEVELS, estimate_alpha
 from fedhet.data.federated import FederatedData, build_federated_data
 from fedhet.errors import FedhetError
 from fedhet.model.lora import AdapterState
-from fedhet.reports.plots import save_figure
 from fedhet.reports.results import run_header, write_section
+from fedhet.reports.study_plots import plot_scatter, plot_vs_alpha
 from fedhet.reports.summary import fmt
+from fedhet.runtime.evaluation import evaluate_adapter
 from fedhet.runtime.sim import Simulation
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from fedhet.study.cells import Cell, cells_of, client_gains, improvement, mean_se, pairs
 
 Axis = Literal["length", "quality", "quantity"]
 METHODS: dict[str, str] = {
@@ -104,24 +102,6 @@ class StudyConfig(BaseModel):
         if min(values) <= 0:
             raise ValueError(f"every alpha must be > 0, got {values}")
         return values
-
-
-@dataclass
-class Cell:
-    """One (model, axis, α) cell: scores in the experiment's metric, per client by id."""
-
-    model: str
-    axis: str
-    alpha: float
-    alpha_hat: float
-    local_before: dict[str, float]
-    local_only: dict[str, float]
-    local_federated: dict[str, float]
-    global_before: float
-    global_federated: float
-    global_loss_federated: float
-    cut_fraction: float
-    wall_s: float
 
 
 @dataclass
@@ -206,8 +186,8 @@ def run_context_study(
                 cells.append(_run_cell(cell_cfg, fed, axis, alpha_hat, local_steps, show_progress))
     metric = result_key(cfg.eval.metric)
     plots = [
-        _plot_vs_alpha(cells, metric, out_dir / "perf_vs_alpha.png"),
-        _plot_scatter(cells, metric, out_dir / "clients_scatter.png"),
+        plot_vs_alpha(cells, metric, out_dir / "perf_vs_alpha.png"),
+        plot_scatter(cells, metric, out_dir / "clients_scatter.png"),
     ]
     wall = time.perf_counter() - started
     study_lines = _study_lines(cfg, study, models, local_steps, wall)
@@ -285,16 +265,9 @@ def _run_cell(
 def _score(sim: Simulation, state: AdapterState, records: list, key: str) -> float:
     """``state`` on ``records`` exactly as the simulator evaluates a client's test split."""
     ev = sim.cfg.eval
-    sim.lm.load_state(state)
-    return evaluate(
-        sim.lm.model,
-        sim.tokenizer,
-        records[: ev.local_size],
-        ev.metric,
-        max_length=sim.cfg.data.max_length,
-        batch_size=ev.batch_size,
-        max_new_tokens=ev.max_new_tokens,
-    )[key]
+    records = records[: ev.local_size]
+    max_length = sim.cfg.data.max_length
+    return evaluate_adapter(sim.lm, sim.tokenizer, state, records, ev, max_length=max_length)[key]
 
 
 def _group_counts(fed: FederatedData) -> np.ndarray:
@@ -342,42 +315,6 @@ def study_table(cells: list[Cell], metric: str) -> str:
     return head + "".join(rows) + note
 
 
-def _improvement(before: float, after: float, metric: str) -> float:
-    return before - after if metric == "loss" else after - before
-
-
-def client_gains(
-    cell: Cell, model: Literal["local_only", "local_federated"], metric: str
-) -> dict[str, float]:
-    """Per client, the improvement of ``model`` over the base model on the client's own test
-    split (positive = better), paired client by client."""
-    scores: dict[str, float] = getattr(cell, model)
-    return {
-        k: _improvement(cell.local_before[k], v, metric)
-        for k, v in scores.items()
-        if k in cell.local_before
-    }
-
-
-def _mean_se(values) -> tuple[float, float]:
-    """Mean and standard error (nan when undefined)."""
-    v = np.asarray(list(values), dtype=np.float64)
-    if len(v) < 2:
-        return (float(v.mean()) if len(v) else float("nan")), float("nan")
-    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v)))
-
-
-def _cells_of(cells: list[Cell], model: str, axis: str) -> list[Cell]:
-    """The cells of one (model, axis), by increasing α."""
-    return sorted((c for c in cells if (c.model, c.axis) == (model, axis)), key=lambda c: c.alpha)
-
-
-def _pairs(cells: list[Cell]) -> list[tuple[str, str]]:
-    models = dict.fromkeys(c.model for c in cells)
-    axes = dict.fromkeys(c.axis for c in cells)
-    return [(m, a) for m in models for a in axes]
-
-
 def contrast_table(cells: list[Cell], metric: str) -> str:
     """Per model and axis: gains at the most skewed α and at the most even α, and their
     difference (negative: skew hurts). Local gain: mean over clients of the paired
@@ -387,13 +324,13 @@ def contrast_table(cells: list[Cell], metric: str) -> str:
         "| model | axis | local gain, α min | local gain, α max | Δ local | "
         "global gain, α min | global gain, α max | Δ global |\n" + "|---" * 8 + "|\n"
     ]
-    for model, axis in _pairs(cells):
-        row = _cells_of(cells, model, axis)
+    for model, axis in pairs(cells):
+        row = cells_of(cells, model, axis)
         if len(row) < 2:
             continue
         lo, hi = row[0], row[-1]
-        local = [_mean_se(client_gains(c, "local_only", metric).values()) for c in (lo, hi)]
-        glob = [_improvement(c.global_before, c.global_federated, metric) for c in (lo, hi)]
+        local = [mean_se(client_gains(c, "local_only", metric).values()) for c in (lo, hi)]
+        glob = [improvement(c.global_before, c.global_federated, metric) for c in (lo, hi)]
         lines.append(
             f"| {model} | {axis} | {local[0][0]:.4g} ± {local[0][1]:.2g} (α={lo.alpha:g}) "
             f"| {local[1][0]:.4g} ± {local[1][1]:.2g} (α={hi.alpha:g}) "
@@ -404,82 +341,6 @@ def contrast_table(cells: list[Cell], metric: str) -> str:
         "\nGains are improvements in the metric (positive = better than the base model); "
         "Δ = gain at the smallest α − gain at the largest α.\n"
     )
-
-
-# ------------------------------------------------------------------------------- plots
-
-
-def _errorbar(ax, alphas, series, **kwargs) -> None:
-    means, errors = zip(*(_mean_se(values) for values in series), strict=True)
-    ax.errorbar(alphas, means, yerr=np.nan_to_num(errors), capsize=3, **kwargs)
-
-
-def _plot_vs_alpha(cells: list[Cell], metric: str, path: Path) -> Path:
-    """Per (model, axis) column: the scores vs α (top) and the gains over the base model vs α
-    (bottom); error bars: standard error over clients."""
-    pairs = _pairs(cells)
-    fig, grid = plt.subplots(2, len(pairs), figsize=(5 * len(pairs), 7.5), squeeze=False)
-    for j, (model, axis) in enumerate(pairs):
-        row = _cells_of(cells, model, axis)
-        alphas = [c.alpha for c in row]
-        top, bottom = grid[0][j], grid[1][j]
-        for name, attr, marker in (
-            ("local before", "local_before", "x"),
-            ("local-only", "local_only", "o"),
-            ("local federated", "local_federated", "s"),
-        ):
-            _errorbar(
-                top, alphas, [getattr(c, attr).values() for c in row], marker=marker, label=name
-            )
-        top.plot(alphas, [c.global_federated for c in row], "k-^", label="global federated")
-        top.plot(alphas, [c.global_before for c in row], "k:", label="global before")
-        top.set_ylabel(metric)
-        top.set_title(f"{model}: {axis}")
-        for name, attr, marker in (
-            ("local-only (own test)", "local_only", "o"),
-            ("federated (own test)", "local_federated", "s"),
-        ):
-            gains = [client_gains(c, attr, metric).values() for c in row]
-            _errorbar(bottom, alphas, gains, marker=marker, label=name)
-        bottom.plot(
-            alphas,
-            [_improvement(c.global_before, c.global_federated, metric) for c in row],
-            "k-^",
-            label="federated (global test)",
-        )
-        bottom.axhline(0, color="grey", linewidth=0.8)
-        bottom.set_ylabel(f"gain in {metric} over the base model")
-        for ax in (top, bottom):
-            ax.set_xscale("log")
-            ax.set_xlabel("α (Dirichlet)")
-            ax.legend(fontsize=7)
-    return save_figure(fig, path)
-
-
-def _plot_scatter(cells: list[Cell], metric: str, path: Path) -> Path:
-    """Per client: gain of its local-only model vs gain of the global (federated) model,
-    both on the client's own test split, one colour per α."""
-    pairs = _pairs(cells)
-    fig, grid = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4.2), squeeze=False)
-    for ax, (model, axis) in zip(grid[0], pairs, strict=True):
-        points: list[float] = []
-        for c in _cells_of(cells, model, axis):
-            local = client_gains(c, "local_only", metric)
-            glob = client_gains(c, "local_federated", metric)
-            ids = [k for k in local if k in glob]
-            ax.scatter(
-                [local[k] for k in ids], [glob[k] for k in ids], s=14, label=f"α={c.alpha:g}"
-            )
-            points += [local[k] for k in ids] + [glob[k] for k in ids]
-        if points:
-            ax.plot([min(points), max(points)], [min(points), max(points)], "k:", linewidth=1)
-        ax.axhline(0, color="grey", linewidth=0.6)
-        ax.axvline(0, color="grey", linewidth=0.6)
-        ax.set_xlabel(f"local-only model: gain in {metric}")
-        ax.set_ylabel(f"global model: gain in {metric}")
-        ax.set_title(f"{model}: {axis} (a point per client, own test split)")
-        ax.legend(fontsize=7)
-    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------ report
