@@ -272,23 +272,64 @@ def test_every_registered_strategy_runs_on_flower(smoke_config, name):
     assert any(not torch.equal(v, server.init_state[k]) for k, v in result.state.items())
 
 
-def test_fedit_and_fedasync_on_flower_simulation(smoke_config, tmp_path):
-    """Flower's simulation engine (Ray) runs FedIT then FedAsync on the same six
-    virtual SuperNodes; FedIT's adapter and metrics equal the in-process
-    simulator's (every client online: fleet ``uniform``)."""
+# The same run on the simulator and on Flower (clock "virtual": replies taken in the
+# simulator's virtual-clock order), one strategy per loop of the driver.
+PARITY = {
+    "sync": ("strategy.name=fedit", "federation.rounds=2"),
+    "async": ("strategy.name=fedasync", "federation.max_arrivals=6", "eval.every=3"),
+    "hier": ("strategy.name=hierfedlora", "federation.rounds=2", "strategy.params.num_groups=2"),
+}
+PARITY_KEYS = ("global_loss", "local_loss_mean", "train_loss", "bytes_up", "bytes_down")
+
+
+def _simulated(smoke_config, *overrides: str):
+    """The in-process reference, trained on one thread (as a Ray actor is: float
+    reductions split across threads differ in the last bits, which AdamW amplifies
+    for near-zero gradients)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return Simulation(smoke_config(*overrides, "name=reference")).run()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _assert_same_run(on_flower, reference, keys=PARITY_KEYS) -> None:
+    """Same final adapter (≤ 1e-6) and the same figures in every row; Flower asks
+    nodes busy training for no local evaluation (async: only the last row has it)."""
+    for key, value in reference.state.items():
+        torch.testing.assert_close(on_flower.state[key], value, rtol=0, atol=1e-6)
+    assert len(on_flower.metrics) == len(reference.metrics)
+    assert "local_loss_mean" in on_flower.metrics[-1]
+    for ours, theirs in zip(on_flower.metrics, reference.metrics, strict=True):
+        for key in keys:
+            if key == "local_loss_mean" and key not in ours and "arrival" in ours:
+                continue
+            expected = theirs.get(key)
+            assert ours.get(key) == (None if expected is None else pytest.approx(expected, 1e-5))
+
+
+def test_the_simulator_and_flowers_simulation_engine_agree(smoke_config):
+    """Flower's simulation engine (Ray, six virtual SuperNodes) runs FedIT (wall
+    clock), FedAsync and HierFedLoRA (virtual clock: arrivals in the simulator's
+    order) one after the other; each run's final adapter equals the in-process
+    simulator's to 1e-6 and its rows carry the same figures (every client online:
+    fleet ``uniform``)."""
     from flwr.simulation import run_simulation
 
-    fedit = smoke_config("federation.rounds=2", "fleet.name=uniform", "name=fedit")
-    fedasync = smoke_config("strategy.name=fedasync", "eval.every=3", "name=fedasync")
-    results = []
+    runs = {
+        mode: (smoke_config(*PARITY[mode], "fleet.name=uniform", f"name={mode}"), clock)
+        for mode, clock in (("sync", "wall"), ("async", "virtual"), ("hier", "virtual"))
+    }
+    results = {}
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         # the default wait (300 s): Ray start-up and six model loads can take minutes
         # on a loaded 2-core machine (120 s timed out with an experiment running)
-        for cfg in (fedit, fedasync):
-            results.append(FlowerServer(cfg, grid, FlowerOptions()).run())
+        for mode, (cfg, clock) in runs.items():
+            results[mode] = FlowerServer(cfg, grid, FlowerOptions(clock=clock)).run()
 
     run_simulation(
         app,
@@ -296,29 +337,33 @@ def test_fedit_and_fedasync_on_flower_simulation(smoke_config, tmp_path):
         num_supernodes=6,
         backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 1}},
     )
-    assert len(results) == 2, "the ServerApp failed (see the log)"
-    on_flower, on_async = results
+    assert len(results) == 3, "the ServerApp failed (see the log)"
+    for mode in runs:
+        reference = _simulated(smoke_config, *PARITY[mode], "fleet.name=uniform")
+        keys = PARITY_KEYS if mode == "sync" else (*PARITY_KEYS, "virtual_time", "staleness")
+        _assert_same_run(results[mode], reference, keys)
+    rows = results["async"].metrics[1:]
+    assert [row["arrival"] for row in rows] == list(range(1, 7))
+    assert max(row["staleness"] for row in rows) > 0  # three in flight
+    state, _ = load_adapter(results["async"].run_dir / "final_adapter")
+    assert all(torch.equal(state[k], v) for k, v in results["async"].state.items())
 
-    # Ray gives each actor num_cpus = 1 thread (OMP_NUM_THREADS); the reference trains on
-    # one thread too, else float reductions split differently across threads and AdamW
-    # amplifies the last-bit differences of near-zero gradients past 1e-6.
+
+@pytest.mark.parametrize("mode", sorted(PARITY))
+def test_flower_with_the_virtual_clock_reproduces_the_simulator(smoke_config, mode):
+    """Every loop of the driver (sync FedIT, async FedAsync, hierarchical
+    HierFedLoRA) gives the simulator's run on a Flower grid: same adapter, same rows."""
+    overrides = (*PARITY[mode], "fleet.name=uniform")
+    virtual = FlowerOptions(wait_timeout=30, poll_interval=0.01, clock="virtual")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        reference = Simulation(smoke_config("federation.rounds=2", "fleet.name=uniform")).run()
+        on_flower = FlowerServer(
+            smoke_config(*overrides), LocalGrid(make_client_app(), 6), virtual
+        ).run()
     finally:
         torch.set_num_threads(threads)
-    for key, value in reference.state.items():
-        torch.testing.assert_close(on_flower.state[key], value, rtol=0, atol=1e-6)
-    for ours, theirs in zip(on_flower.metrics, reference.metrics, strict=True):
-        for key in ("global_loss", "local_loss_mean", "train_loss", "bytes_up", "bytes_down"):
-            expected = theirs.get(key)  # no train_loss at step 0, in both
-            assert ours.get(key) == (None if expected is None else pytest.approx(expected, 1e-5))
-
-    rows = on_async.metrics[1:]
-    assert [row["arrival"] for row in rows] == list(range(1, 7))
-    assert all(row["applied"] for row in rows) and rows[-1]["updates_applied"] == 6
-    assert max(row["staleness"] for row in rows) > 0  # three in flight, one actor
-    assert rows[-1]["global_loss"] < on_async.metrics[0]["global_loss"]
-    state, _ = load_adapter(on_async.run_dir / "final_adapter")
-    assert all(torch.equal(state[k], v) for k, v in on_async.state.items())
+    reference = _simulated(smoke_config, *overrides)
+    if mode == "async":
+        assert max(row.get("staleness", 0) for row in reference.metrics) > 0
+    _assert_same_run(on_flower, reference, (*PARITY_KEYS, "virtual_time", "staleness", "client"))

@@ -126,3 +126,17 @@ def test_central_baseline_sees_as_many_samples(smoke_config):
     result = Simulation(smoke_config("federation.rounds=2")).run_central()
     assert [r["step"] for r in result.metrics] == [0, 1, 2]
     assert result.metrics[-1]["global_loss"] < result.metrics[0]["global_loss"]
+    # rounds × clients per round × local steps, in one chunk per round
+    assert sum(r["steps"] for r in result.metrics[1:]) == 2 * 3 * 2
+
+
+def test_central_baseline_of_a_hierarchical_config_trains_its_rounds(smoke_config):
+    """HierFedLoRA: every training client takes each round's ``train.steps``, so the
+    central run trains rounds × clients × steps, in one chunk per round (not the
+    asynchronous budget of ``max_arrivals``)."""
+    cfg = smoke_config(
+        "strategy.name=hierfedlora", "federation.rounds=2", "train.steps=1", "eval.every=100"
+    )
+    result = Simulation(cfg).run_central(every_chunk=False)
+    assert [r["step"] for r in result.metrics] == [0, 1, 2]
+    assert [r["steps"] for r in result.metrics[1:]] == [6, 6]  # 6 clients × 1 step each

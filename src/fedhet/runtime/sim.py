@@ -159,7 +159,7 @@ class Simulation(Executor):
             result = local_update(self.lm, union, driver.global_state, plan, pad_id=self.pad_id)
             driver.global_state = result.state
             driver.progress.step = chunk
-            row = {"step": chunk, "train_loss": result.metrics["train_loss"], "steps": steps}
+            row = {"step": chunk, **{k: result.metrics[k] for k in ("train_loss", "steps")}}
             driver.log_row(driver.evaluate_row(row) if every_chunk or chunk == chunks else row)
         return driver.finish()
 
