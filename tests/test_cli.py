@@ -80,6 +80,7 @@ def test_data_describe_prints_per_client_counts():
     assert "6 clients, 8 categories" in result.output
 
 
+@pytest.mark.slow
 def test_run_report_and_compare_end_to_end(tmp_path):
     out = tmp_path / "runs"
     result = runner.invoke(app, ["run", str(SMOKE), "--set", f"output_dir={out}",
@@ -99,6 +100,7 @@ def test_run_report_and_compare_end_to_end(tmp_path):
     assert summary["final_global"] is not None
 
 
+@pytest.mark.slow
 def test_console_script_reports_errors_without_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "fedhet.cli", "run", str(tmp_path / "nope.yaml")],

@@ -173,6 +173,7 @@ def test_bad_context_inputs_name_the_field():
     assert result.exit_code == 2 and "study.alphas" in result.output
 
 
+@pytest.mark.slow
 def test_study_table_has_every_cell(tmp_path):
     cfg, study = load_study(
         REPO / "configs" / "s-ctx-smoke.yaml",

@@ -40,6 +40,9 @@ REPO = Path(__file__).resolve().parents[1]
 FAST = FlowerOptions(wait_timeout=30, poll_interval=0.01)
 
 
+pytestmark = pytest.mark.flower
+
+
 @pytest.fixture(autouse=True)
 def server_identity(monkeypatch):
     """What a ServerApp process knows about itself (Flower sets it at start):
@@ -309,6 +312,7 @@ def _assert_same_run(on_flower, reference, keys=PARITY_KEYS) -> None:
             assert ours.get(key) == (None if expected is None else pytest.approx(expected, 1e-5))
 
 
+@pytest.mark.slow
 def test_the_simulator_and_flowers_simulation_engine_agree(smoke_config):
     """Flower's simulation engine (Ray, six virtual SuperNodes) runs FedIT (wall
     clock), FedAsync and HierFedLoRA (virtual clock: arrivals in the simulator's
@@ -349,6 +353,7 @@ def test_the_simulator_and_flowers_simulation_engine_agree(smoke_config):
     assert all(torch.equal(state[k], v) for k, v in results["async"].state.items())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", sorted(PARITY))
 def test_flower_with_the_virtual_clock_reproduces_the_simulator(smoke_config, mode):
     """Every loop of the driver (sync FedIT, async FedAsync, hierarchical

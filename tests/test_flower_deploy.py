@@ -33,9 +33,11 @@ from fedhet.client.evaluate import evaluate
 from fedhet.data.sources import load_source
 from fedhet.model import load_base_model
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("FEDHET_SKIP_DEPLOY") == "1", reason="FEDHET_SKIP_DEPLOY=1"
-)
+pytestmark = [
+    pytest.mark.flower,
+    pytest.mark.slow,
+    pytest.mark.skipif(os.environ.get("FEDHET_SKIP_DEPLOY") == "1", reason="FEDHET_SKIP_DEPLOY=1"),
+]
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "configs" / "smoke.yaml")

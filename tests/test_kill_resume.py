@@ -15,6 +15,7 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from fedhet.model.lora import load_adapter
@@ -60,6 +61,7 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in TIMINGS} for row in rows]
 
 
+@pytest.mark.slow
 def test_kill_nine_five_times_and_resume_gives_the_same_adapter(tmp_path):
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["fedhet.cli", "fedhet.runtime.sim"])

@@ -120,6 +120,7 @@ def test_local_dir_loads(tiny_model, tmp_path):
     assert_ready_for_lora(loaded, loaded_tokenizer)
 
 
+@pytest.mark.slow
 def test_smollm2_converts_into_cache(smollm2, fedhet_cache):
     model, tokenizer = smollm2
     assert_ready_for_lora(model, tokenizer)

@@ -15,6 +15,7 @@ def _stable(rows):
     return [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_metrics_and_adapter(smoke_config):
     a = Simulation(smoke_config("name=a", "federation.rounds=2")).run()
     b = Simulation(smoke_config("name=b", "federation.rounds=2")).run()
@@ -34,6 +35,7 @@ def test_outputs_are_written_and_the_adapter_is_a_peft_folder(smoke_config):
     assert "local_loss_mean" in rows[-1] and "global_loss" in rows[-1]
 
 
+@pytest.mark.slow
 def test_resume_after_an_interruption_equals_the_uninterrupted_run(smoke_config, monkeypatch):
     full = Simulation(smoke_config("name=full")).run()
 
@@ -75,6 +77,7 @@ def test_a_sync_round_lasts_as_long_as_its_slowest_client(smoke_config, monkeypa
     assert rounds[-1]["idle_fraction"] > 0
 
 
+@pytest.mark.slow
 def test_dropouts_and_deadlines_lose_updates_but_the_run_completes(smoke_config):
     result = Simulation(
         smoke_config("federation.dropout=0.5", "federation.clients_per_round=4")
