@@ -91,13 +91,20 @@ def test_run_report_and_compare_end_to_end(tmp_path):
     assert report.exit_code == 0, report.output
     assert (run_dir / "loss_vs_virtual_time.png").stat().st_size > 0
     cmp = runner.invoke(app, ["compare", str(SMOKE), "--strategies", "fedit,ffa-lora",
-                              "--set", f"output_dir={out}", "--set", "federation.rounds=1"])
+                              "--set", f"output_dir={out}", "--set", "federation.rounds=1",
+                              "--set", "name=cmp"])
     assert cmp.exit_code == 0, cmp.output
-    table = (out / "smoke" / "compare.md").read_text()
+    table = (out / "cmp" / "compare.md").read_text()
     assert "| fedit |" in table and "| ffa-lora |" in table
-    assert (out / "smoke" / "compare.png").is_file()
-    summary = json.loads((out / "smoke" / "fedit" / "summary.json").read_text())
+    assert (out / "cmp" / "compare.png").is_file()
+    summary = json.loads((out / "cmp" / "fedit" / "summary.json").read_text())
     assert summary["final_global"] is not None
+    # report on a compare folder: every run's plots and the comparison
+    (out / "cmp" / "compare.png").unlink()
+    report = runner.invoke(app, ["report", str(out / "cmp")])
+    assert report.exit_code == 0, report.output
+    assert (out / "cmp" / "compare.png").is_file()
+    assert (out / "cmp" / "ffa-lora" / "loss_vs_step.png").is_file()
 
 
 @pytest.mark.slow

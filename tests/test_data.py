@@ -221,7 +221,7 @@ def test_bad_inputs(tmp_path: Path) -> None:
         load_source("json", path=tmp_path / "x.json", split="test")
     with pytest.raises(FedhetError, match="path and fields apply to the generic formats"):
         load_source("dolly", path=tmp_path / "x.jsonl")
-    with pytest.raises(FedhetError, match="needs a path"):
+    with pytest.raises(FedhetError, match="reads a file: set data.path"):
         load_source("csv")
 
 

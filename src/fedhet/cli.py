@@ -25,10 +25,25 @@ app = typer.Typer(
 
 @app.callback()
 def _quiet_libraries() -> None:
-    """Library progress bars (weight loading, conversion) would bury fedhet's own."""
+    """Library progress bars (weight loading, conversion) would bury fedhet's own, and
+    their deprecation warnings are nothing a user can act on. When stdout is not a
+    terminal (a log file), fedhet logs one line per round or arrival instead of a
+    progress bar."""
+    import logging
+    import warnings
+
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    for module in ("transformers", "peft", "accelerate", "torch"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+    if not sys.stdout.isatty():
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        fedhet_log = logging.getLogger("fedhet")
+        fedhet_log.addHandler(handler)
+        fedhet_log.setLevel(logging.INFO)
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Inspect federated datasets.")
@@ -41,6 +56,9 @@ err_console = Console(stderr=True)
 ConfigArg = Annotated[Path, typer.Argument(help="experiment YAML file")]
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="override a field: --set federation.rounds=3")
+]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="delete an earlier run of the same name first")
 ]
 DataDirOpt = Annotated[
     Path | None,
@@ -69,13 +87,17 @@ def run(
     resume: Annotated[
         bool, typer.Option("--resume", help="continue from the last checkpoint")
     ] = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Simulate one experiment: N clients, any strategy, on a virtual clock."""
     from fedhet.config import load_config
+    from fedhet.runtime.run_dir import claim_run_dir
     from fedhet.runtime.sim import Simulation
 
     cfg = load_config(config, set_)
-    result = Simulation(cfg, data_dir=data_dir, show_progress=True).run(resume=resume)
+    claim_run_dir(cfg, resume=resume, overwrite=overwrite)
+    sim = Simulation(cfg, data_dir=data_dir, show_progress=sys.stdout.isatty())
+    result = sim.run(resume=resume)
     _print_summary({cfg.strategy.name: result.summary})
     console.print(f"outputs in [bold]{result.run_dir}[/]")
 
@@ -87,36 +109,47 @@ def compare(
     strategies: Annotated[str, typer.Option(help="comma-separated strategy names")],
     set_: SetOpt = None,
     data_dir: DataDirOpt = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Run several strategies on the identical scenario; one table, one plot."""
     from fedhet.runtime.compare import compare_strategies
 
     names = [s.strip() for s in strategies.split(",") if s.strip()]
-    out = compare_strategies(config, names, set_ or [], data_dir=data_dir)
+    out = compare_strategies(config, names, set_ or [], data_dir=data_dir, overwrite=overwrite)
     _print_summary(out.summaries)
     console.print(f"table and plot in [bold]{out.out_dir}[/]")
 
 
 @app.command()
 @_user_errors
-def report(run_dir: Annotated[Path, typer.Argument(help="a run's output folder")]) -> None:
-    """Plot a run's metrics (PNG files next to metrics.jsonl)."""
-    from fedhet.reports.plots import plot_run
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a run's or a comparison's output folder")],
+) -> None:
+    """Plot a run's metrics (PNG files next to metrics.jsonl); for a `compare` folder,
+    every run's and the comparison's plots."""
+    from fedhet.reports.plots import plot_report
 
-    for path in plot_run(run_dir):
+    for path in plot_report(run_dir):
         console.print(f"wrote {path}")
 
 
 @app.command("train-central")
 @_user_errors
-def train_central(config: ConfigArg, set_: SetOpt = None, data_dir: DataDirOpt = None) -> None:
+def train_central(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    data_dir: DataDirOpt = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
     """Train one adapter on the union of all clients' data (the upper bound)."""
     from fedhet.config import load_config
+    from fedhet.runtime.run_dir import claim_run_dir
     from fedhet.runtime.sim import Simulation
 
     cfg = load_config(config, set_)
     cfg.name = f"{cfg.name}-central"
-    result = Simulation(cfg, data_dir=data_dir, show_progress=True).run_central()
+    claim_run_dir(cfg, overwrite=overwrite)
+    result = Simulation(cfg, data_dir=data_dir).run_central()
     _print_summary({"central": result.summary})
     console.print(f"outputs in [bold]{result.run_dir}[/]")
 
@@ -131,6 +164,31 @@ def data_describe(config: ConfigArg, set_: SetOpt = None, data_dir: DataDirOpt =
 
     cfg = load_config(config, set_)
     console.print(describe_table(build_federated_data(cfg.data, data_dir=data_dir)))
+
+
+@data_app.command("check")
+@_user_errors
+def data_check(config: ConfigArg, set_: SetOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Load and map a config's data and summarise it (no model is loaded): records,
+    fields, label set, token lengths, per-client counts, and any problem."""
+    from fedhet.config import load_config
+    from fedhet.data.check import data_report
+    from fedhet.data.encode import encode
+    from fedhet.data.federated import build_federated_data
+    from fedhet.model.base import load_tokenizer
+
+    cfg = load_config(config, set_)
+    fed = build_federated_data(cfg.data, data_dir=data_dir)
+    try:
+        tokenizer = load_tokenizer(cfg.model.name)
+    except FedhetError as err:
+        console.print(f"token lengths unavailable: {err}", highlight=False)
+        lengths = None
+    else:
+        train = [r for c in fed.clients for r in c.train]
+        lengths = [len(e.input_ids) for e in encode(train, tokenizer, 10**9)]
+    report = data_report(fed, cfg.eval.metric, lengths, cfg.data.max_length)
+    console.print(report, highlight=False, markup=False)
 
 
 @study_app.command("context")

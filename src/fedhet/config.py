@@ -12,11 +12,13 @@ local training plan), ``strategy`` (name + parameters), ``federation``
 
 from __future__ import annotations
 
+import difflib
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedhet.data.federated import DataConfig
 from fedhet.errors import FedhetError
@@ -118,6 +120,10 @@ class EvalConfig(_Section):
     max_new_tokens: int = Field(32, ge=1)
     unseen_clients: int = Field(0, ge=0)
     target: float | None = None
+    option_scoring: Literal["sum", "mean"] = "sum"
+    """Accuracy: pick the option of largest summed log-likelihood (``sum``), or of
+    largest mean log-likelihood per token (``mean``, length-normalised: options of
+    different token lengths, e.g. "neutral" vs "very negative", compete fairly)."""
 
 
 class ExperimentConfig(_Section):
@@ -133,6 +139,31 @@ class ExperimentConfig(_Section):
     fleet: FleetConfig = Field(default_factory=FleetConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     faults: list[FaultSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> ExperimentConfig:
+        """Rules between sections, checked before anything is loaded or written."""
+        from fedhet.strategies import STRATEGIES  # strategies never import the config
+
+        strategy = STRATEGIES.get(self.strategy.name)
+        if strategy is None:
+            raise ValueError(
+                f"strategy.name: unknown strategy {self.strategy.name!r}; "
+                f"known: {', '.join(sorted(STRATEGIES))}"
+            )
+        training = self.data.partition.num_clients - self.eval.unseen_clients
+        fed = self.federation
+        if strategy.mode == "sync" and fed.clients_per_round > training:
+            raise ValueError(
+                f"federation.clients_per_round={fed.clients_per_round} exceeds the "
+                f"{training} training clients (data.partition.num_clients minus "
+                "eval.unseen_clients)"
+            )
+        if strategy.mode == "async" and fed.concurrency > training:
+            raise ValueError(
+                f"federation.concurrency={fed.concurrency} exceeds the {training} training clients"
+            )
+        return self
 
     @property
     def run_dir(self) -> Path:
@@ -175,19 +206,55 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     if not isinstance(raw, dict):
         raise FedhetError(f"{path}: the top level must be a mapping of sections")
     raw = apply_overrides(raw, overrides or [])
-    return validate_config(raw, source=str(path))
+    cfg = validate_config(raw, source=str(path))
+    return _resolve_paths(cfg, path.parent)
+
+
+def _resolve_paths(cfg: ExperimentConfig, folder: Path) -> ExperimentConfig:
+    """Relative ``data.path`` / ``data.test_path`` taken from the config file's
+    folder when the file is there (else left as given: ``--data-dir``, then the
+    working directory, see :func:`fedhet.data.sources.load_source`)."""
+    for key in ("path", "test_path"):
+        value = getattr(cfg.data, key)
+        if value and not Path(value).is_absolute() and (folder / value).is_file():
+            setattr(cfg.data, key, str((folder / value).resolve()))
+    return cfg
 
 
 def validate_config(raw: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    """The experiment of ``raw``; every problem becomes one line naming ``source`` and
+    the dotted field (with a did-you-mean hint for a misspelt key)."""
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as err:
         lines = []
         for e in err.errors():
             field = ".".join(str(x) for x in e["loc"]) or "(top level)"
-            lines.append(f"{source}: field {field}: {e['msg']}")
+            message = e["msg"].removeprefix("Value error, ")
+            if e["type"] == "extra_forbidden":
+                message += _did_you_mean(e["loc"])
+            where = f"{source}: field {field}" if e["loc"] else source
+            lines.append(f"{where}: {message}")
         raise FedhetError("\n".join(lines)) from err
 
 
+def _did_you_mean(loc: tuple[Any, ...]) -> str:
+    """'; did you mean X?' for an unknown key, from the fields of its section."""
+    model: Any = ExperimentConfig
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    known = ", ".join(model.model_fields)
+    return f"; did you mean {close[0]!r}?" if close else f"; known: {known}"
+
+
 def dump_config(cfg: ExperimentConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    """Write the config as YAML (atomically: a temporary sibling renamed over ``path``)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    os.replace(tmp, path)

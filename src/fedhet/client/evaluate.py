@@ -163,8 +163,11 @@ def evaluate_accuracy(
     *,
     max_length: int = 128,
     batch_size: int = 16,
+    option_scoring: str = "sum",
 ) -> dict[str, float]:
-    """Accuracy by the label options' summed log-likelihood (module docstring) and, when
+    """Accuracy by the label options' log-likelihood, summed over the option's tokens
+    (``option_scoring="sum"``, module docstring) or averaged per token (``"mean"``,
+    length-normalised), and, when
     every record's response is one of its options, the loss on the responses (the gold
     options' scores: the same tokens :func:`evaluate_loss` would score)."""
     scored = [r for r in records if r.options]
@@ -174,7 +177,7 @@ def evaluate_accuracy(
     with_loss = len(scored) == len(records) and all(r.response in r.options for r in records)
     correct, gold_nll, gold_tokens = 0, 0.0, 0
     for r, options in zip(scored, per_record, strict=True):
-        best = min(range(len(r.options)), key=lambda j: options[j][0])
+        best = min(range(len(r.options)), key=lambda j: _option_score(options[j], option_scoring))
         correct += r.options[best] == r.response
         if with_loss:
             nll, count = options[r.options.index(r.response)]
@@ -184,6 +187,12 @@ def evaluate_accuracy(
         loss = gold_nll / max(1, gold_tokens)
         result |= {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
     return result
+
+
+def _option_score(scored: tuple[float, int], option_scoring: str) -> float:
+    """An option's negative log-likelihood, summed or per token (lower is better)."""
+    nll, count = scored
+    return nll / max(1, count) if option_scoring == "mean" else nll
 
 
 @torch.no_grad()
@@ -264,15 +273,22 @@ def evaluate(
     max_length: int = 128,
     batch_size: int = 8,
     max_new_tokens: int = 64,
+    option_scoring: str = "sum",
 ) -> dict[str, float]:
-    """Loss on ``records`` plus the chosen task metric (one of ``METRICS``)."""
+    """Loss on ``records`` plus the chosen task metric (one of ``METRICS``;
+    ``option_scoring``: see :func:`evaluate_accuracy`)."""
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; known: {METRICS}")
     if not records:
         return {}
     if metric == "accuracy":
         result = evaluate_accuracy(
-            model, tokenizer, records, max_length=max_length, batch_size=2 * batch_size
+            model,
+            tokenizer,
+            records,
+            max_length=max_length,
+            batch_size=2 * batch_size,
+            option_scoring=option_scoring,
         )
         if "loss" in result:
             return result

@@ -24,16 +24,16 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedhet.data.partition import partition
 from fedhet.data.records import Record
-from fedhet.data.sources import load_source
+from fedhet.data.sources import FORMATS, load_source
 from fedhet.errors import FedhetError
 
 
@@ -79,9 +79,20 @@ class DataConfig(BaseModel):
     source: str
     """A named source or generic format (:func:`fedhet.data.sources.load_source`)."""
     path: str | None = None
+    """The data file of a generic format (json, jsonl, csv, tsv). A relative path is
+    taken from the config file's folder when the file is there, else from
+    ``--data-dir``, else from the working directory."""
     fields: dict[str, str] | None = None
+    """Generic formats: Record field → column name (``{response: label, ...}``)."""
+    options: list[str] | None = None
+    """The label list of a classification task: every record's ``options`` (a record's
+    own ``options`` column, if any, must agree). Needed by ``eval.metric: accuracy``
+    unless every record carries its options."""
     tasks: list[str] | None = None
     split: str = "train"
+    test_path: str | None = None
+    """Generic formats: a separate file (same format and fields) for the global test
+    set, instead of records held out of ``path``."""
     test_source: str | None = None
     """Source of the global test set; with ``test_split``, a separate labelled split."""
     test_split: str | None = None
@@ -92,6 +103,27 @@ class DataConfig(BaseModel):
     """Tokens per example; used when the records are encoded for training."""
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataConfig:
+        generic = self.source in FORMATS
+        if generic and self.path is None:
+            raise ValueError(f"source {self.source!r} reads a file: set data.path")
+        if not generic and (self.path or self.test_path or self.fields):
+            raise ValueError(
+                f"data.path, data.test_path and data.fields are for the file formats "
+                f"{', '.join(FORMATS)}; {self.source!r} is a named source (use --data-dir)"
+            )
+        if generic and self.test_split is not None:
+            raise ValueError(
+                f"source {self.source!r} reads one file, it has no splits: give the test "
+                "file as data.test_path"
+            )
+        if self.test_path is not None and self.test_source is not None:
+            raise ValueError("data.test_path and data.test_source: give one of them")
+        if self.options is not None and len(set(self.options)) < 2:
+            raise ValueError(f"data.options needs at least two distinct labels: {self.options}")
+        return self
 
 
 @dataclass
@@ -122,7 +154,16 @@ class FederatedData:
 
 
 def _global_test(cfg: DataConfig, data_dir: str | Path | None) -> list[Record]:
-    """The global test set from ``test_source``/``test_split``."""
+    """The global test set from ``test_path`` or ``test_source``/``test_split``."""
+    if cfg.test_path is not None:
+        return load_source(
+            cfg.source,
+            data_dir=data_dir,
+            path=cfg.test_path,
+            fields=cfg.fields,
+            limit=cfg.global_test_size,
+            seed=cfg.seed,
+        )
     source = cfg.test_source or cfg.source
     split = cfg.test_split or cfg.split
     if (source, split) == (cfg.source, cfg.split):
@@ -143,6 +184,21 @@ def _global_test(cfg: DataConfig, data_dir: str | Path | None) -> list[Record]:
     )
 
 
+def with_options(records: list[Record], options: list[str]) -> list[Record]:
+    """The records with the label list as their ``options`` (``data.options``); a
+    record that lists other options is an error naming the field."""
+    labels = tuple(options)
+    out = []
+    for r in records:
+        if r.options and set(r.options) != set(labels):
+            raise FedhetError(
+                f"data.options {list(labels)} disagrees with a record's own options "
+                f"{list(r.options)} (response {r.response!r})"
+            )
+        out.append(replace(r, options=labels))
+    return out
+
+
 def build_federated_data(cfg: DataConfig, data_dir: str | Path | None = None) -> FederatedData:
     """Load, hold out the global test set, partition and split per client (module docstring)."""
     pool = load_source(
@@ -158,7 +214,7 @@ def build_federated_data(cfg: DataConfig, data_dir: str | Path | None = None) ->
     holdout_rng, split_rng = (
         np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(2)
     )
-    if cfg.test_source is None and cfg.test_split is None:
+    if cfg.test_path is None and cfg.test_source is None and cfg.test_split is None:
         if len(pool) <= cfg.global_test_size:
             raise FedhetError(
                 f"data.global_test_size={cfg.global_test_size} leaves nothing to train on: "
@@ -169,6 +225,8 @@ def build_federated_data(cfg: DataConfig, data_dir: str | Path | None = None) ->
         pool = [pool[i] for i in np.sort(order[cfg.global_test_size :])]
     else:
         global_test = _global_test(cfg, data_dir)
+    if cfg.options:
+        pool, global_test = with_options(pool, cfg.options), with_options(global_test, cfg.options)
     p = cfg.partition
     hook = RECORD_HOOKS.get(p.method)
     extras, transform = hook(pool, p.params, cfg.seed) if hook else (p.params, None)

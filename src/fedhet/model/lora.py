@@ -19,7 +19,10 @@ so training the padded model is training the rank-r adapter.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -296,7 +299,7 @@ def save_adapter(
     ``alpha_pattern`` so that PEFT's scaling equals ``spec.alpha / r`` per module.
     """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     state_ranks = ranks(state)
     default_rank = max(set(state_ranks.values()), key=list(state_ranks.values()).count)
     pattern = {_pattern_name(m): r for m, r in state_ranks.items() if r != default_rank}
@@ -311,11 +314,21 @@ def save_adapter(
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_name,
     )
-    config.save_pretrained(str(path))
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in state.items()},
-        str(path / "adapter_model.safetensors"),
-    )
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:  # written beside, then swapped in: a reader never sees half a folder
+        config.save_pretrained(str(tmp))
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in state.items()},
+            str(tmp / "adapter_model.safetensors"),
+        )
+        old = path.with_name(f".{path.name}.old")
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

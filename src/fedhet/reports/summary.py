@@ -8,7 +8,9 @@ last evaluated row.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -59,29 +61,43 @@ def write_outputs(
     columns: list[str] = []
     for row in metrics:
         columns += [k for k, v in row.items() if not isinstance(v, dict) and k not in columns]
-    with open(run_dir / "metrics.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(metrics)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(metrics)
+    atomic_write(run_dir / "metrics.csv", table.getvalue())
     summary = summarize(metrics, cfg.eval.metric, time_to_target)
+    scoring = (
+        f"; accuracy by {cfg.eval.option_scoring} log-likelihood of the options"
+        if cfg.eval.metric == "accuracy"
+        else ""
+    )
     lines = [
         f"# {cfg.name}: {cfg.strategy.name}",
         "",
         f"model `{cfg.model.name}`, data `{cfg.data.source}` "
         f"({cfg.data.partition.method}, {cfg.data.partition.num_clients} clients), "
-        f"fleet `{cfg.fleet.name}`, seed {cfg.seed}",
+        f"fleet `{cfg.fleet.name}`, seed {cfg.seed}{scoring}",
         "",
         "| quantity | value |",
         "|---|---|",
     ]
     lines += [f"| {k} | {fmt(v)} |" for k, v in summary.items()]
-    (run_dir / "summary.md").write_text("\n".join(lines) + "\n")
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write(run_dir / "summary.md", "\n".join(lines) + "\n")
+    atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary sibling, then rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def fmt(value: Any) -> str:
-    """A table cell: floats to 4 significant digits, None as a dash."""
+    """A table cell: floats to 6 significant digits (methods that differ in the
+    fourth digit stay apart), None as a dash."""
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:.6g}"
     return "—" if value is None else str(value)

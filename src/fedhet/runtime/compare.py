@@ -9,14 +9,17 @@ use their defaults. The federated data is built once and shared.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedhet.config import ExperimentConfig, load_config
+from fedhet.config import ExperimentConfig, load_config, validate_config
 from fedhet.data.federated import FederatedData, build_federated_data
+from fedhet.errors import FedhetError
 from fedhet.reports.plots import plot_compare
 from fedhet.reports.summary import fmt
+from fedhet.runtime.run_dir import claim_run_dir
 from fedhet.runtime.sim import Simulation
 
 _COLUMNS = (
@@ -69,18 +72,32 @@ def reference_points(rows: list[dict[str, Any]], metric: str) -> dict[str, float
 
 
 def compare_strategies(
-    config: str | Path, names: list[str], overrides: list[str], data_dir: str | Path | None = None
+    config: str | Path,
+    names: list[str],
+    overrides: list[str],
+    data_dir: str | Path | None = None,
+    *,
+    overwrite: bool = False,
 ) -> Comparison:
+    """Run every strategy of ``names`` on ``config``'s scenario (same data, same
+    seed) into ``output_dir/name/<strategy>``; one table (``compare.md``) and one
+    plot. Every strategy's config is checked before the first run starts."""
     base = load_config(config, overrides)
-    fed = build_federated_data(base.data, data_dir=data_dir)
+    if not names:
+        raise FedhetError("--strategies: name at least one strategy")
     out_dir = base.run_dir
-    summaries: dict[str, dict[str, Any]] = {}
-    runs: dict[str, list[dict[str, Any]]] = {}
+    configs = {}
     for name in names:
         params = base.strategy.params if name == base.strategy.name else {}
-        cfg = base.model_copy(deep=True, update={"output_dir": str(out_dir), "name": name})
-        cfg.strategy.name, cfg.strategy.params = name, params
-        result = Simulation(cfg, fed=fed, show_progress=True).run()
+        raw = base.model_dump(mode="json") | {"output_dir": str(out_dir), "name": name}
+        raw["strategy"] = {"name": name, "params": params}
+        configs[name] = validate_config(raw, source=f"--strategies {name}")
+    claim_run_dir(base, overwrite=overwrite)
+    fed = build_federated_data(base.data, data_dir=data_dir)
+    summaries: dict[str, dict[str, Any]] = {}
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for name, cfg in configs.items():
+        result = Simulation(cfg, fed=fed, show_progress=sys.stdout.isatty()).run()
         summaries[name] = result.summary
         runs[name] = result.metrics
     plot_compare(runs, out_dir / "compare.png")

@@ -60,6 +60,7 @@ import numpy as np
 from fedhet.client.evaluate import result_key
 from fedhet.config import ExperimentConfig, dump_config
 from fedhet.errors import FedhetError
+from fedhet.model.base import base_model_reference
 from fedhet.model.lora import AdapterState, save_adapter, select_layers, state_bytes
 from fedhet.protocol import ClientInfo, ClientUpdate, GroupResult
 from fedhet.reports.summary import write_outputs
@@ -94,6 +95,7 @@ class Driver:
         self.metrics: list[dict[str, Any]] = []
         self.global_state: AdapterState = {}
         self.infos: dict[int, ClientInfo] = {}
+        self.total: int | None = None  # rounds or arrivals of the run (the log's ETA)
         self._wall_start = time.perf_counter()
 
     # ------------------------------------------------------------------ run
@@ -108,7 +110,7 @@ class Driver:
         self._wall_start = time.perf_counter() - self.progress.wall_offset
         mode = self.strategy.mode
         fed = self.cfg.federation
-        total = fed.max_arrivals if mode == "async" else fed.rounds
+        total = self.total = fed.max_arrivals if mode == "async" else fed.rounds
         loop = {"sync": self._run_sync, "async": self._run_async, "hier": self._run_hier}[mode]
         try:
             with progress_bar(self.cfg, total, show=self.show_progress) as advance:
@@ -451,7 +453,15 @@ class Driver:
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
         p.metrics_lines += 1
-        self.log.info("step %d: %s", row["step"], brief(row))
+        self.log.info("%s: %s", self._where(row["wall_time"]), brief(row))
+
+    def _where(self, elapsed: float) -> str:
+        """``step 3/24, 1.2 min, ETA 8.4 min`` (the ETA from the pace since the start)."""
+        step, total = self.progress.step, self.total
+        if not total:
+            return f"step {step}"
+        eta = f", ETA {elapsed / step * (total - step) / 60:.1f} min" if step else ""
+        return f"step {step}/{total}, {elapsed / 60:.1f} min{eta}"
 
     # ---------------------------------------------------------- checkpoints
     def checkpoint(self) -> None:
@@ -488,7 +498,8 @@ class Driver:
     def finish(self) -> RunResult:
         """Write the final adapter (a PEFT folder), metrics.csv and summary.md."""
         final = self.strategy.evaluation_state(self.global_state)
-        save_adapter(final, self.run_dir / "final_adapter", self.cfg.lora, self.cfg.model.name)
+        base = base_model_reference(self.cfg.model.name)
+        save_adapter(final, self.run_dir / "final_adapter", self.cfg.lora, base)
         summary = write_outputs(self.run_dir, self.cfg, self.metrics, self.progress.time_to_target)
         return RunResult(final, self.metrics, summary, self.run_dir)
 

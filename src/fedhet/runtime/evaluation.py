@@ -40,6 +40,7 @@ def evaluate_adapter(
         max_length=max_length,
         batch_size=ev.batch_size,
         max_new_tokens=ev.max_new_tokens,
+        option_scoring=ev.option_scoring,
     )
 
 

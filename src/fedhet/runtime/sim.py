@@ -42,6 +42,7 @@ import torch
 from fedhet.client.evaluate import result_key
 from fedhet.client.train import TrainPlan, local_update, run_instruction
 from fedhet.config import ExperimentConfig
+from fedhet.data.check import check_data
 from fedhet.data.encode import encode
 from fedhet.data.federated import FederatedData, build_federated_data
 from fedhet.devices.profiles import load_fleet
@@ -77,10 +78,11 @@ class Simulation(Executor):
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.show_progress = show_progress
+        self.fed = fed or build_federated_data(cfg.data, data_dir=data_dir)
+        check_data(self.fed, cfg.eval.metric)  # before the model loads: fail in seconds
         model, self.tokenizer = base or load_base_model(
             cfg.model.name, dtype=cfg.model.dtype, device=cfg.model.device
         )
-        self.fed = fed or build_federated_data(cfg.data, data_dir=data_dir)
         self.num_clients = len(self.fed.clients)
         self.num_training = self.num_clients - cfg.eval.unseen_clients
         if self.num_training < 1:

@@ -1,0 +1,71 @@
+"""A run's folder is never silently reused.
+
+:func:`claim_run_dir` decides, before any model or data is loaded, what happens
+to ``output_dir/name``:
+
+* empty or absent: the run starts there;
+* it holds an earlier run: an error naming ``--resume`` (continue it) and
+  ``--overwrite`` (delete it and start again), so nothing in it changes;
+* ``resume``: the folder must hold a checkpoint, and its saved ``config.yaml``
+  must equal the config given now (the error lists the fields that differ).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedhet.config import ExperimentConfig
+from fedhet.errors import FedhetError
+
+
+def claim_run_dir(cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Check (and with ``overwrite``, empty) the run folder (module docstring)."""
+    run_dir = cfg.run_dir
+    if resume and overwrite:
+        raise FedhetError("--resume and --overwrite: give one of them")
+    used = run_dir.is_dir() and any(run_dir.iterdir())
+    if resume:
+        checkpoints = run_dir / "checkpoints"
+        if not (checkpoints.is_dir() and any(checkpoints.iterdir())):
+            raise FedhetError(f"--resume: no checkpoint in {run_dir} (run it without --resume)")
+        differences = config_differences(run_dir / "config.yaml", cfg)
+        if differences:
+            raise FedhetError(
+                f"--resume: the config differs from the one {run_dir} was run with: "
+                + "; ".join(differences)
+                + " (resume with the same config, or start again with --overwrite)"
+            )
+    elif used:
+        if not overwrite:
+            raise FedhetError(
+                f"{run_dir} holds an earlier run: --resume continues it, --overwrite deletes "
+                "it and starts again (or choose another name: --set name=...)"
+            )
+        shutil.rmtree(run_dir)
+    return run_dir
+
+
+def config_differences(saved: Path, cfg: ExperimentConfig) -> list[str]:
+    """``field: saved → now`` for every dotted field that differs (empty: same)."""
+    if not saved.is_file():
+        return [f"{saved} is missing"]
+    before = _flat(yaml.safe_load(saved.read_text()) or {})
+    now = _flat(cfg.model_dump(mode="json"))
+    return [
+        f"{key}: {before.get(key)!r} → {now.get(key)!r}"
+        for key in sorted(set(before) | set(now))
+        if before.get(key) != now.get(key)
+    ]
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict) or not tree:
+        return {prefix.rstrip("."): tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out |= _flat(value, f"{prefix}{key}.")
+    return out
