@@ -66,7 +66,14 @@ from fedhet.protocol import ClientInfo, ClientUpdate, GroupResult
 from fedhet.reports.summary import write_outputs
 from fedhet.runtime.checkpoint import load_latest, save_checkpoint
 from fedhet.runtime.executor import ClientRun, Executor, round_event, stage_event
-from fedhet.runtime.progress import RunProgress, RunResult, brief, mean_loss, progress_bar
+from fedhet.runtime.progress import (
+    RunProgress,
+    RunResult,
+    brief,
+    mean_loss,
+    pace,
+    progress_bar,
+)
 from fedhet.runtime.validation import validate_update
 from fedhet.strategies.base import Strategy
 
@@ -453,15 +460,7 @@ class Driver:
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
         p.metrics_lines += 1
-        self.log.info("%s: %s", self._where(row["wall_time"]), brief(row))
-
-    def _where(self, elapsed: float) -> str:
-        """``step 3/24, 1.2 min, ETA 8.4 min`` (the ETA from the pace since the start)."""
-        step, total = self.progress.step, self.total
-        if not total:
-            return f"step {step}"
-        eta = f", ETA {elapsed / step * (total - step) / 60:.1f} min" if step else ""
-        return f"step {step}/{total}, {elapsed / 60:.1f} min{eta}"
+        self.log.info("%s: %s", pace(p.step, self.total, row["wall_time"]), brief(row))
 
     # ---------------------------------------------------------- checkpoints
     def checkpoint(self) -> None:

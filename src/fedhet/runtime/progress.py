@@ -92,3 +92,11 @@ def brief(row: dict[str, Any]) -> str:
     """The global figures and training loss of a metrics row, for a log line."""
     shown = {k: v for k, v in row.items() if k.startswith(("global_", "train_loss"))}
     return ", ".join(f"{k}={v:.4g}" for k, v in shown.items() if isinstance(v, float)) or "-"
+
+
+def pace(step: int, total: int | None, elapsed: float) -> str:
+    """``step 3/24, 1.2 min, ETA 8.4 min`` (the ETA from the pace since the start)."""
+    if not total:
+        return f"step {step}"
+    eta = f", ETA {elapsed / step * (total - step) / 60:.1f} min" if step else ""
+    return f"step {step}/{total}, {elapsed / 60:.1f} min{eta}"
