@@ -37,13 +37,10 @@ slowest member; last the group uploads its trained blocks, and
 
     t_g = 8·|x| / down_G + Σ_{s=1..K_g} max_k t_{k,s} + 8·|x_g| / up_G
 
-and the round lasts as long as its slowest group. Device ↔ group bytes count in
-``bytes_up`` / ``bytes_down``, group ↔ server bytes in ``group_bytes_*``; each
-row's ``groups`` logs τ, d, K, planned and actual time and per stage the members,
-their local steps and the stage's time. ``clients_per_round``,
-``over_selection`` and ``deadline_s`` do not apply (the last two are refused).
-
-Counters and their meaning: :class:`~fedhet.runtime.progress.RunProgress`.
+and the round lasts as long as its slowest group; group ↔ server bytes count in
+``group_bytes_*``; each row's ``groups`` logs τ, d, K, the planned and actual
+time and per stage the members, their steps and time. ``over_selection`` and
+``deadline_s`` are refused. Counters: :class:`~fedhet.runtime.progress.RunProgress`.
 """
 
 from __future__ import annotations
@@ -66,14 +63,7 @@ from fedhet.protocol import ClientInfo, ClientUpdate, GroupResult
 from fedhet.reports.summary import write_outputs
 from fedhet.runtime.checkpoint import load_latest, save_checkpoint
 from fedhet.runtime.executor import ClientRun, Executor, round_event, stage_event
-from fedhet.runtime.progress import (
-    RunProgress,
-    RunResult,
-    brief,
-    mean_loss,
-    pace,
-    progress_bar,
-)
+from fedhet.runtime.progress import RunProgress, RunResult, brief, mean_loss, pace, progress_bar
 from fedhet.runtime.validation import validate_update
 from fedhet.strategies.base import Strategy
 
@@ -241,10 +231,10 @@ class Driver:
     def apply_arrival(
         self, state: AdapterState, update: ClientUpdate
     ) -> tuple[AdapterState, dict[str, Any]]:
-        """One validated asynchronous arrival: stamp its staleness τ = version −
-        start version, hand it to ``strategy.on_arrival`` and keep the books (a
-        held update counts as applied when the strategy next moves the model).
-        Returns the new global state and the metrics-row fields."""
+        """One validated asynchronous arrival: stamp its staleness τ = version − start
+        version, hand it to ``strategy.on_arrival``, keep the books (a held update
+        counts as applied when the strategy next moves the model); returns the new
+        global state and the row's fields."""
         p = self.progress
         update.staleness = p.version - update.version
         new_state = self.strategy.on_arrival(state, update)
