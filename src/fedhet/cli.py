@@ -91,12 +91,14 @@ def run(
 ) -> None:
     """Simulate one experiment: N clients, any strategy, on a virtual clock."""
     from fedhet.config import load_config
-    from fedhet.runtime.run_dir import claim_run_dir
+    from fedhet.runtime.run_dir import check_run_dir, clear_run_dir
     from fedhet.runtime.sim import Simulation
 
     cfg = load_config(config, set_)
-    claim_run_dir(cfg, resume=resume, overwrite=overwrite)
+    check_run_dir(cfg, resume=resume, overwrite=overwrite)
     sim = Simulation(cfg, data_dir=data_dir, show_progress=sys.stdout.isatty())
+    if overwrite:
+        clear_run_dir(cfg)
     result = sim.run(resume=resume)
     _print_summary({cfg.strategy.name: result.summary})
     console.print(f"outputs in [bold]{result.run_dir}[/]")
@@ -143,13 +145,16 @@ def train_central(
 ) -> None:
     """Train one adapter on the union of all clients' data (the upper bound)."""
     from fedhet.config import load_config
-    from fedhet.runtime.run_dir import claim_run_dir
+    from fedhet.runtime.run_dir import check_run_dir, clear_run_dir
     from fedhet.runtime.sim import Simulation
 
     cfg = load_config(config, set_)
     cfg.name = f"{cfg.name}-central"
-    claim_run_dir(cfg, overwrite=overwrite)
-    result = Simulation(cfg, data_dir=data_dir).run_central()
+    check_run_dir(cfg, overwrite=overwrite)
+    sim = Simulation(cfg, data_dir=data_dir)
+    if overwrite:
+        clear_run_dir(cfg)
+    result = sim.run_central()
     _print_summary({"central": result.summary})
     console.print(f"outputs in [bold]{result.run_dir}[/]")
 
@@ -188,7 +193,7 @@ def data_check(config: ConfigArg, set_: SetOpt = None, data_dir: DataDirOpt = No
         train = [r for c in fed.clients for r in c.train]
         lengths = [len(e.input_ids) for e in encode(train, tokenizer, 10**9)]
     report = data_report(fed, cfg.eval.metric, lengths, cfg.data.max_length)
-    console.print(report, highlight=False, markup=False)
+    console.print(report, highlight=False, markup=False, soft_wrap=True)
 
 
 @study_app.command("context")

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from fedhet.config import ExperimentConfig, load_config, validate_config
+from fedhet.data.check import check_data
 from fedhet.data.federated import FederatedData, build_federated_data
 from fedhet.errors import FedhetError
 from fedhet.reports.plots import plot_compare
 from fedhet.reports.summary import fmt
-from fedhet.runtime.run_dir import claim_run_dir
+from fedhet.runtime.run_dir import check_run_dir, clear_run_dir
 from fedhet.runtime.sim import Simulation
 
 _COLUMNS = (
@@ -92,8 +93,11 @@ def compare_strategies(
         raw = base.model_dump(mode="json") | {"output_dir": str(out_dir), "name": name}
         raw["strategy"] = {"name": name, "params": params}
         configs[name] = validate_config(raw, source=f"--strategies {name}")
-    claim_run_dir(base, overwrite=overwrite)
+    check_run_dir(base, overwrite=overwrite)
     fed = build_federated_data(base.data, data_dir=data_dir)
+    check_data(fed, base.eval.metric)
+    if overwrite:
+        clear_run_dir(base)
     summaries: dict[str, dict[str, Any]] = {}
     runs: dict[str, list[dict[str, Any]]] = {}
     for name, cfg in configs.items():

@@ -1,11 +1,12 @@
 """A run's folder is never silently reused.
 
-:func:`claim_run_dir` decides, before any model or data is loaded, what happens
-to ``output_dir/name``:
+:func:`check_run_dir` decides, before any data or model is loaded and without
+touching anything, what happens to ``output_dir/name``:
 
 * empty or absent: the run starts there;
 * it holds an earlier run: an error naming ``--resume`` (continue it) and
-  ``--overwrite`` (delete it and start again), so nothing in it changes;
+  ``--overwrite`` (delete it and start again: :func:`clear_run_dir`, called once
+  data and model have loaded), so nothing in it changes;
 * ``resume``: the folder must hold a checkpoint, and its saved ``config.yaml``
   must equal the config given now (the error lists the fields that differ).
 """
@@ -22,8 +23,8 @@ from fedhet.config import ExperimentConfig
 from fedhet.errors import FedhetError
 
 
-def claim_run_dir(cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
-    """Check (and with ``overwrite``, empty) the run folder (module docstring)."""
+def check_run_dir(cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Raise :class:`FedhetError` unless the run may use its folder (module docstring)."""
     run_dir = cfg.run_dir
     if resume and overwrite:
         raise FedhetError("--resume and --overwrite: give one of them")
@@ -39,14 +40,17 @@ def claim_run_dir(cfg: ExperimentConfig, *, resume: bool = False, overwrite: boo
                 + "; ".join(differences)
                 + " (resume with the same config, or start again with --overwrite)"
             )
-    elif used:
-        if not overwrite:
-            raise FedhetError(
-                f"{run_dir} holds an earlier run: --resume continues it, --overwrite deletes "
-                "it and starts again (or choose another name: --set name=...)"
-            )
-        shutil.rmtree(run_dir)
+    elif used and not overwrite:
+        raise FedhetError(
+            f"{run_dir} holds an earlier run: --resume continues it, --overwrite deletes "
+            "it and starts again (or choose another name: --set name=...)"
+        )
     return run_dir
+
+
+def clear_run_dir(cfg: ExperimentConfig) -> None:
+    """Delete the run folder (``--overwrite``, after :func:`check_run_dir`)."""
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)
 
 
 def config_differences(saved: Path, cfg: ExperimentConfig) -> list[str]:
