@@ -7,7 +7,8 @@ fails fast with the file and the dotted field named. Sections:
 ``data`` (:class:`fedhet.data.federated.DataConfig`), ``train`` (the default
 local training plan), ``strategy`` (name + parameters), ``federation``
 (rounds, selection, concurrency, failures), ``fleet``, ``eval``, ``faults``
-(injected client faults, :class:`fedhet.runtime.faults.FaultSpec`).
+(injected client faults, :class:`fedhet.runtime.faults.FaultSpec`), ``execution``
+(how the simulator runs client updates: :class:`ExecutionConfig`).
 """
 
 from __future__ import annotations
@@ -126,6 +127,24 @@ class EvalConfig(_Section):
     different token lengths, e.g. "neutral" vs "very negative", compete fairly)."""
 
 
+class ExecutionConfig(_Section):
+    """How the simulator executes client updates (results do not depend on it,
+    up to floating-point reduction order).
+
+    ``lockstep``: train the clients of a synchronous round that follow compatible
+    plans in one loop, one forward pass for all (:mod:`fedhet.client.batched`):
+    ``true``, ``false``, or ``auto`` (on CUDA devices only: on a CPU the matmuls are
+    already near the machine's limit and lockstep gains little, see
+    ``benchmarks/RESULTS.md``). ``max_group`` caps the clients per pass and
+    ``memory_gb`` (optional) the group's estimated training memory beyond the base
+    model (activations, adapters, optimizer state), which then sets the group size.
+    """
+
+    lockstep: bool | Literal["auto"] = "auto"
+    max_group: int = Field(32, ge=1)
+    memory_gb: float | None = Field(None, gt=0)
+
+
 class ExperimentConfig(_Section):
     name: str = "experiment"
     seed: int = 0
@@ -139,6 +158,7 @@ class ExperimentConfig(_Section):
     fleet: FleetConfig = Field(default_factory=FleetConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     faults: list[FaultSpec] = Field(default_factory=list)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> ExperimentConfig:

@@ -118,14 +118,14 @@ def local_update(
     fisher = FisherSession.start(lm, examples, start, plan, cache, pad_id=pad_id)
     params = lm.set_trainable(plan.trainable_layers, plan.frozen)
     anchor = {k: p.detach().clone() for k, p in params.items()} if plan.prox_mu else {}
-    masks = _place_masks(fisher.masks if fisher else plan.masks, params, device)
+    masks = place_masks(fisher.masks if fisher else plan.masks, params, device)
     frozen_copy = {k: params[k].detach().clone() for k in masks}
 
     optimizer = torch.optim.AdamW(params.values(), lr=plan.lr, weight_decay=plan.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(plan))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(plan))
     indices = fisher.indices if fisher else plan.sample_indices
     data = list(examples) if indices is None else [examples[i] for i in indices]
-    stream = _batch_stream(data, plan.batch_size, plan.seed, pad_id)
+    stream = batch_stream(data, plan.batch_size, plan.seed, pad_id)
     use_bf16 = device.type == "cuda"
 
     lm.model.train()
@@ -202,22 +202,35 @@ def run_instruction(
     client's own last state, or the initial adapter), apply the plan overrides and
     ``seed``, train (``cache``: the client's own cache, kept between its updates),
     and build the upload. Returns (update, full trained state, plan)."""
-    start = {**base, **inst.state}
-    plan = base_plan.with_overrides({**inst.plan, "seed": seed})
+    start, plan = instruction_plan(inst, base, base_plan, seed)
     result = local_update(lm, examples, start, plan, pad_id=pad_id, cache=cache)
-    update = ClientUpdate(
+    return build_update(inst, len(examples), start, plan, result), result.state, plan
+
+
+def instruction_plan(
+    inst: Instruction, base: AdapterState, base_plan: TrainPlan, seed: int
+) -> tuple[AdapterState, TrainPlan]:
+    """The start state (the instruction's tensors over ``base``) and the plan (the
+    run's, with the instruction's overrides and ``seed``) of an instruction."""
+    return {**base, **inst.state}, base_plan.with_overrides({**inst.plan, "seed": seed})
+
+
+def build_update(
+    inst: Instruction, num_samples: int, start: AdapterState, plan: TrainPlan, result: UpdateResult
+) -> ClientUpdate:
+    """What the client sends back for ``inst`` after training (:func:`make_upload`)."""
+    return ClientUpdate(
         client_id=inst.client_id,
         state=make_upload(result.state, start, plan),
-        num_samples=len(examples),
+        num_samples=num_samples,
         version=inst.version,
         kind=plan.send,
         metrics=result.metrics,
         extras=result.extras,
     )
-    return update, result.state, plan
 
 
-def _batch_stream(
+def batch_stream(
     data: Sequence[Example], batch_size: int, seed: int, pad_id: int
 ) -> Iterator[Batch]:
     """Endless batches: epoch after epoch, each shuffled with its own seed."""
@@ -229,7 +242,7 @@ def _batch_stream(
         epoch += 1
 
 
-def _lr_lambda(plan: TrainPlan):
+def lr_lambda(plan: TrainPlan):
     def factor(step: int) -> float:
         if step < plan.warmup_steps:
             return (step + 1) / plan.warmup_steps
@@ -243,7 +256,7 @@ def _lr_lambda(plan: TrainPlan):
     return factor
 
 
-def _place_masks(
+def place_masks(
     masks: Mapping[str, torch.Tensor] | None,
     params: Mapping[str, torch.nn.Parameter],
     device: torch.device,

@@ -92,6 +92,34 @@ def training_memory(
     return tuple(fixed + d * block for d in range(num_layers + 1))
 
 
+def model_training_memory(cfg: Any, lm: LoraModel) -> tuple[float, ...]:
+    """M(d) for d = 0..L of the run's model, micro-batch and sequence length
+    (:func:`training_memory`; activations in bf16 on CUDA, where training autocasts)."""
+    info = model_info(lm.model)
+    weight = next(lm.model.parameters())
+    on_gpu = weight.device.type == "cuda"
+    return training_memory(
+        lm.num_layers,
+        num_parameters=info["num_parameters"],
+        hidden_size=info["hidden_size"],
+        num_heads=lm.model.get_base_model().config.num_attention_heads,
+        vocab_size=info["vocab_size"],
+        seq_len=cfg.data.max_length,
+        batch_size=cfg.train.batch_size,
+        weight_bytes=weight.element_size(),
+        activation_bytes=2 if on_gpu else weight.element_size(),
+        lora_params_per_block=sum(p.numel() for p in lm.parameters().values()) / lm.num_layers,
+    )
+
+
+def client_training_bytes(cfg: Any, lm: LoraModel) -> float:
+    """One more client's share of a lockstep pass at full depth: M(L) without the
+    base model's weights (its activations, logits, adapter and optimizer state)."""
+    info = model_info(lm.model)
+    weight_bytes = next(lm.model.parameters()).element_size()
+    return model_training_memory(cfg, lm)[-1] - info["num_parameters"] * weight_bytes
+
+
 def planner_costs(
     cfg: Any,
     lm: LoraModel,
@@ -109,22 +137,7 @@ def planner_costs(
         train_flops_per_token(costs.flops_per_token, num_layers, top_layers(num_layers, d))
         for d in range(1, num_layers + 1)
     ]
-    info = model_info(lm.model)
-    heads = lm.model.get_base_model().config.num_attention_heads
-    weight = next(lm.model.parameters())
-    on_gpu = weight.device.type == "cuda"  # bf16 autocast there (client.train)
-    memory = training_memory(
-        num_layers,
-        num_parameters=info["num_parameters"],
-        hidden_size=info["hidden_size"],
-        num_heads=heads,
-        vocab_size=info["vocab_size"],
-        seq_len=cfg.data.max_length,
-        batch_size=cfg.train.batch_size,
-        weight_bytes=weight.element_size(),
-        activation_bytes=2 if on_gpu else weight.element_size(),
-        lora_params_per_block=sum(p.numel() for p in lm.parameters().values()) / num_layers,
-    )
+    memory = model_training_memory(cfg, lm)
     step_sequences = cfg.train.batch_size * cfg.train.grad_accum
     fleet = costs.fleet
     return CostModel(

@@ -5,8 +5,9 @@ One frozen base model, many clients, a virtual clock. A client is its data
 last adapter state, and its cache (a dict its local update keeps between
 participations, e.g. Fisher scores; checkpointed). Running a client loads its
 start state into the one shared :class:`~fedhet.model.lora.LoraModel` (tensor
-copies, never a model copy), trains (:func:`fedhet.client.train.run_instruction`),
-and reads the adapter back.
+copies, never a model copy), trains (:func:`fedhet.client.train.local_update`, or
+several clients of a round in one pass: :mod:`fedhet.client.batched`, see
+``execution.lockstep``), and reads the adapter back.
 
 :class:`Simulation` is an :class:`~fedhet.runtime.executor.Executor`: the loops
 (selection, arrivals, validation, evaluation schedule, metrics, checkpoints) are
@@ -32,6 +33,7 @@ for strategies that keep local state), and the unseen clients
 from __future__ import annotations
 
 import heapq
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -39,8 +41,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedhet.client.batched import ClientJob, compatible, lockstep_updates, split_for_memory
 from fedhet.client.evaluate import result_key
-from fedhet.client.train import TrainPlan, local_update, run_instruction
+from fedhet.client.train import TrainPlan, build_update, instruction_plan, local_update
 from fedhet.config import ExperimentConfig
 from fedhet.data.check import check_data
 from fedhet.data.encode import encode
@@ -50,7 +53,7 @@ from fedhet.errors import FedhetError
 from fedhet.model.base import load_base_model, model_info
 from fedhet.model.lora import AdapterState, LoraModel, state_bytes
 from fedhet.protocol import ClientInfo, CostModel, Instruction
-from fedhet.runtime.cost import ClientCosts, planner_costs
+from fedhet.runtime.cost import ClientCosts, client_training_bytes, planner_costs
 from fedhet.runtime.driver import Driver, RunResult
 from fedhet.runtime.evaluation import evaluate_adapter, spread_fields
 from fedhet.runtime.executor import Arrival, ClientRun, Executor, client_seed, seed_of
@@ -58,6 +61,8 @@ from fedhet.runtime.faults import FaultInjector
 from fedhet.runtime.validation import expected_update
 from fedhet.strategies import build_strategy
 from fedhet.strategies.base import Strategy
+
+log = logging.getLogger(__name__)
 
 
 class Simulation(Executor):
@@ -118,6 +123,7 @@ class Simulation(Executor):
         # owned by the client's local update, kept here and checkpointed.
         self.client_cache: dict[int, dict[str, Any]] = {}
         self._heap: list[tuple[float, int, int, bool, ClientRun]] = []
+        self._sequential_reasons: set[str] = set()
 
     # ------------------------------------------------------------------ run
     def run(self, *, resume: bool = False) -> RunResult:
@@ -169,32 +175,58 @@ class Simulation(Executor):
     def run_client(self, inst: Instruction, event: int) -> ClientRun:
         """Execute one instruction on the shared model; ``event`` seeds its draws."""
         cid = inst.client_id
-        own = self.client_states.get(cid, self.init_state)
-        update, trained, plan = run_instruction(
-            self.lm,
-            self.examples[cid],
-            inst,
-            own,
-            self.base_plan,
-            seed=client_seed(self.cfg.seed, event, cid),
-            pad_id=self.pad_id,
-            cache=self.client_cache.setdefault(cid, {}),
+        start, plan = self._plan(inst, event)
+        cache = self.client_cache.setdefault(cid, {})
+        result = local_update(
+            self.lm, self.examples[cid], start, plan, pad_id=self.pad_id, cache=cache
         )
+        return self._delivered(inst, event, start, plan, result)
+
+    def _plan(self, inst: Instruction, event: int) -> tuple[AdapterState, TrainPlan]:
+        own = self.client_states.get(inst.client_id, self.init_state)
+        seed = client_seed(self.cfg.seed, event, inst.client_id)
+        return instruction_plan(inst, own, self.base_plan, seed)
+
+    def _delivered(
+        self, inst: Instruction, event: int, start: AdapterState, plan: TrainPlan, result
+    ) -> ClientRun:
+        """The run of a trained instruction: its upload (with any injected fault),
+        what the server expects, its virtual duration; keeps the client's state."""
+        cid = inst.client_id
+        update = build_update(inst, len(self.examples[cid]), start, plan, result)
         expected = expected_update(
             cid,
-            {**own, **inst.state},
+            start,
             upload_keys=plan.upload_keys,
             kind=plan.send,
             num_samples=len(self.examples[cid]),
         )
         if self.strategy.keeps_local_state or self.cfg.federation.keep_client_states:
-            self.client_states[cid] = trained
+            self.client_states[cid] = result.state
         bytes_down, bytes_up = state_bytes(inst.state), state_bytes(update.state)
         update, fault = self.faults.apply(update, expected, event)
         duration = self.costs.duration(
             cid, plan, update.metrics["tokens"], bytes_down, bytes_up, event
         )
         return ClientRun(cid, expected, update, duration, bytes_up, fault)
+
+    def _lockstep_groups(self, plans: list[TrainPlan]) -> list[list[int]] | None:
+        """Job indices in lockstep groups, or None for one-by-one training
+        (``execution.lockstep``; the reason is logged once)."""
+        ex = self.cfg.execution
+        on_cuda = next(self.lm.model.parameters()).device.type == "cuda"
+        if len(plans) < 2 or ex.lockstep is False or (ex.lockstep == "auto" and not on_cuda):
+            return None
+        reason = compatible(self.lm, plans)
+        if reason is not None:
+            if reason not in self._sequential_reasons:
+                self._sequential_reasons.add(reason)
+                log.info("clients train one by one: %s", reason)
+            return None
+        budget = None if ex.memory_gb is None else ex.memory_gb * 2**30
+        per_client = client_training_bytes(self.cfg, self.lm)
+        size = min(ex.max_group, split_for_memory(len(plans), per_client, budget))
+        return [list(range(i, min(i + size, len(plans)))) for i in range(0, len(plans), size)]
 
     # -------------------------------------------------------- the executor
     def connect(self) -> list[ClientInfo]:
@@ -206,8 +238,22 @@ class Simulation(Executor):
     def execute(
         self, jobs: list[tuple[Instruction, int]], *, deadline: float | None = None
     ) -> list[ClientRun]:
-        """Run each job on the shared model (the deadline is the driver's to apply)."""
-        return [self.run_client(inst, event) for inst, event in jobs]
+        """Run the jobs on the shared model, in lockstep groups where
+        ``execution.lockstep`` allows (the deadline is the driver's to apply)."""
+        prepared = [self._plan(inst, event) for inst, event in jobs]
+        groups = self._lockstep_groups([plan for _, plan in prepared])
+        if groups is None:
+            return [self.run_client(inst, event) for inst, event in jobs]
+        runs: list[ClientRun] = []
+        for group in groups:
+            batch = [
+                ClientJob(self.examples[jobs[i][0].client_id], *prepared[i]) for i in group
+            ]
+            results = lockstep_updates(self.lm, batch, pad_id=self.pad_id)
+            for i, result in zip(group, results, strict=True):
+                inst, event = jobs[i]
+                runs.append(self._delivered(inst, event, *prepared[i], result))
+        return runs
 
     def submit(self, inst: Instruction, event: int, now: float, *, lost: bool) -> None:
         run = self.run_client(inst, event)
