@@ -138,11 +138,14 @@ class ExecutionConfig(_Section):
     ``benchmarks/RESULTS.md``). ``max_group`` caps the clients per pass and
     ``memory_gb`` (optional) the group's estimated training memory beyond the base
     model (activations, adapters, optimizer state), which then sets the group size.
+    ``activation_checkpointing`` recomputes each block's activations in the
+    backward pass instead of storing them (less memory, about a third more compute).
     """
 
     lockstep: bool | Literal["auto"] = "auto"
     max_group: int = Field(32, ge=1)
     memory_gb: float | None = Field(None, gt=0)
+    activation_checkpointing: bool = False
 
 
 class ExperimentConfig(_Section):

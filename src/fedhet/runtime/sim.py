@@ -100,6 +100,8 @@ class Simulation(Executor):
             encode(c.train, self.tokenizer, cfg.data.max_length) for c in self.fed.clients
         ]
         self.fleet = load_fleet(cfg.fleet.name, self.num_clients, cfg.seed)
+        if cfg.execution.activation_checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
         self.lm = LoraModel(model, cfg.lora, seed=cfg.seed)
         flops = model_info(model)["flops_per_token"]
         self.costs = ClientCosts(self.fleet, flops, self.lm.num_layers)
