@@ -71,14 +71,16 @@ def test_a_clients_update_does_not_depend_on_its_group(setup):
     assert _close(with_1.state, with_3.state, atol=1e-6)
 
 
-def test_incompatible_plans_are_named():
-    lm = type("LM", (), {"spec": LoraSpec(rank=4)})()
+def test_incompatible_plans_are_named(setup):
+    lm = setup[0]
     assert compatible(lm, [TrainPlan(), TrainPlan(seed=3)]) is None
     assert "proximal" in compatible(lm, [TrainPlan(), TrainPlan(prox_mu=0.1)])
     assert "differ" in compatible(lm, [TrainPlan(), TrainPlan(steps=7)])
     assert "Fisher" in compatible(lm, [TrainPlan(curriculum_fraction=0.5)])
-    dropout = type("LM", (), {"spec": LoraSpec(rank=4, dropout=0.1)})()
-    assert "dropout" in compatible(dropout, [TrainPlan()])
+    from fedhet.model import load_base_model
+
+    with_dropout = LoraModel(load_base_model("tiny")[0], LoraSpec(rank=4, dropout=0.1))
+    assert "dropout" in compatible(with_dropout, [TrainPlan()])
 
 
 def test_the_memory_budget_caps_the_group_size():

@@ -176,13 +176,16 @@ class ExperimentConfig(_Section):
             )
         training = self.data.partition.num_clients - self.eval.unseen_clients
         fed = self.federation
-        if strategy.mode == "sync" and fed.clients_per_round > training:
+        given = fed.model_fields_set  # a default larger than the fleet is capped, not refused
+        per_round = fed.clients_per_round if "clients_per_round" in given else 0
+        if strategy.mode == "sync" and per_round > training:
             raise ValueError(
                 f"federation.clients_per_round={fed.clients_per_round} exceeds the "
                 f"{training} training clients (data.partition.num_clients minus "
                 "eval.unseen_clients)"
             )
-        if strategy.mode == "async" and fed.concurrency > training:
+        in_flight = fed.concurrency if "concurrency" in given else 0
+        if strategy.mode == "async" and in_flight > training:
             raise ValueError(
                 f"federation.concurrency={fed.concurrency} exceeds the {training} training clients"
             )
@@ -230,10 +233,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         raise FedhetError(f"{path}: the top level must be a mapping of sections")
     raw = apply_overrides(raw, overrides or [])
     cfg = validate_config(raw, source=str(path))
-    return _resolve_paths(cfg, path.parent)
+    return resolve_paths(cfg, path.parent)
 
 
-def _resolve_paths(cfg: ExperimentConfig, folder: Path) -> ExperimentConfig:
+def resolve_paths(cfg: ExperimentConfig, folder: Path) -> ExperimentConfig:
     """Relative ``data.path`` / ``data.test_path`` taken from the config file's
     folder when the file is there (else left as given: ``--data-dir``, then the
     working directory, see :func:`fedhet.data.sources.load_source`)."""

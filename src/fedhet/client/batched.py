@@ -23,7 +23,8 @@ local_update` gives it alone, up to floating-point reduction order (the base
 model's matmuls run on a different batch shape). Ranks may differ: every client
 is held at the allocated rank with zeros beyond its own (as the sequential path
 does), which stay zero. Not batched (the caller falls back to the sequential
-path, :func:`compatible` says why): LoRA dropout > 0 (its random masks), FedProx
+path, :func:`compatible` says why): dropout in LoRA or the base model (its random
+masks), FedProx
 and HetLoRA's regulariser terms, FibecFed's Fisher scoring and curriculum, and
 plans that differ in anything but their data, seed, masks and start state.
 """
@@ -33,12 +34,20 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from functools import partial
 from typing import Any
 
 import torch
 
 from fedhet.client.loss import target_nll
-from fedhet.client.train import TrainPlan, UpdateResult, batch_stream, lr_lambda, place_masks
+from fedhet.client.train import (
+    TrainPlan,
+    UpdateResult,
+    batch_stream,
+    lr_lambda,
+    masked_step,
+    place_masks,
+)
 from fedhet.data.encode import IGNORE_INDEX, Batch, Example
 from fedhet.model.lora import AdapterState, LoraModel, factor_keys, ranks
 
@@ -60,6 +69,11 @@ def compatible(lm: LoraModel, plans: Sequence[TrainPlan]) -> str | None:
     first = plans[0]
     if lm.spec.dropout > 0:
         return "lora.dropout > 0 (random masks differ from a client's own)"
+    config = lm.model.get_base_model().config
+    rates = [getattr(config, name, 0.0) or 0.0 for name in ("attention_dropout", "hidden_dropout")]
+    rates += [m.p for m in lm.model.modules() if isinstance(m, torch.nn.Dropout)]
+    if any(rate > 0 for rate in rates):
+        return "the base model uses dropout (random masks differ from a client's own)"
     for plan in plans:
         if plan.prox_mu or plan.rank_reg is not None:
             return "a proximal or rank-regulariser term"
@@ -133,17 +147,10 @@ def lockstep_updates(
                     per_client = _client_means(nll, owner[rows], G)
                     loss_sums += per_client.detach()
                     (per_client.sum() / plan.grad_accum).backward()
-                for key, mask in masks.items():
-                    if params[key].grad is not None:
-                        params[key].grad.mul_(mask)
+                clip = None
                 if plan.max_grad_norm is not None:
-                    _clip_per_client(params, plan.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                with torch.no_grad():
-                    for key, mask in masks.items():
-                        params[key].copy_(torch.where(mask, params[key], frozen_copy[key]))
+                    clip = partial(_clip_per_client, params, plan.max_grad_norm)
+                masked_step(params, masks, frozen_copy, optimizer, scheduler, clip)
     finally:
         for hook in hooks:
             hook.remove()

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -148,17 +149,10 @@ def local_update(
             tokens += batch.num_tokens
         if fisher:
             fisher.observe(params)
-        for key, mask in masks.items():
-            if params[key].grad is not None:
-                params[key].grad.mul_(mask)
+        clip = None
         if plan.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params.values(), plan.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for key, mask in masks.items():
-                params[key].copy_(torch.where(mask, params[key], frozen_copy[key]))
+            clip = partial(torch.nn.utils.clip_grad_norm_, params.values(), plan.max_grad_norm)
+        masked_step(params, masks, frozen_copy, optimizer, scheduler, clip)
     lm.model.eval()
     seconds = time.perf_counter() - started
 
@@ -175,6 +169,30 @@ def local_update(
         },
         fisher.finish() if fisher else {},
     )
+
+
+def masked_step(
+    params: Mapping[str, torch.Tensor],
+    masks: Mapping[str, torch.Tensor],
+    frozen: Mapping[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    clip: Callable[[], object] | None,
+) -> None:
+    """One optimiser step: zero the masked gradients, ``clip``, step AdamW and the
+    schedule, then put the masked entries back to their ``frozen`` values (AdamW's
+    weight decay and momentum would move them otherwise)."""
+    for key, mask in masks.items():
+        if params[key].grad is not None:
+            params[key].grad.mul_(mask)
+    if clip is not None:
+        clip()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for key, mask in masks.items():
+            params[key].copy_(torch.where(mask, params[key], frozen[key]))
 
 
 def make_upload(trained: AdapterState, start: AdapterState, plan: TrainPlan) -> AdapterState:

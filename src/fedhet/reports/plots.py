@@ -56,8 +56,10 @@ def plot_report(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if (folder / "metrics.jsonl").is_file():
         return plot_run(folder)
-    runs = sorted(p for p in folder.iterdir() if (p / "metrics.jsonl").is_file())
-    if not folder.is_dir() or not runs:
+    runs = sorted(p for p in folder.iterdir() if (p / "metrics.jsonl").is_file()) if (
+        folder.is_dir()
+    ) else []
+    if not runs:
         raise FedhetError(f"{folder}: no metrics.jsonl in it or in its subfolders (not a run)")
     out = [path for run in runs for path in plot_run(run)]
     compared = {run.name: read_metrics(run) for run in runs}

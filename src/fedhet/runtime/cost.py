@@ -114,7 +114,8 @@ def model_training_memory(cfg: Any, lm: LoraModel) -> tuple[float, ...]:
 
 def client_training_bytes(cfg: Any, lm: LoraModel) -> float:
     """One more client's share of a lockstep pass at full depth: M(L) without the
-    base model's weights (its activations, logits, adapter and optimizer state)."""
+    base model's weights (its activations, logits, adapter and optimizer state); an
+    upper bound with activation checkpointing, which stores fewer activations."""
     info = model_info(lm.model)
     weight_bytes = next(lm.model.parameters()).element_size()
     return model_training_memory(cfg, lm)[-1] - info["num_parameters"] * weight_bytes

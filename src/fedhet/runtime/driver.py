@@ -141,12 +141,15 @@ class Driver:
             instructions = self.strategy.configure(rnd, self.global_state, selected)
             jobs = [(inst, round_event(rnd, inst.client_id)) for inst in instructions]
             jobs = [job for job in jobs if job[0].client_id not in crashed]
-            runs, train_s = self._execute(jobs, deadline=fed.deadline_s)
-            faults = {str(r.client_id): r.fault for r in runs if r.fault}
+            all_runs, train_s = self._execute(jobs, deadline=fed.deadline_s)
+            faults = {str(r.client_id): r.fault for r in all_runs if r.fault}
             rejections: dict[str, str] = {}
-            runs = sorted((r for r in runs if r.arrived), key=lambda r: (r.duration, r.client_id))
+            arrived = (r for r in all_runs if r.arrived)
+            runs = sorted(arrived, key=lambda r: (r.duration, r.client_id))
             kept = list(islice((r for r in runs if self._accept(r, rejections)), k))
             round_time = kept[-1].duration if kept else 0.0
+            if any(r.fault == "timeout" for r in all_runs):  # the server waited the deadline
+                round_time = max(round_time, fed.deadline_s or 0.0)
             if fed.deadline_s is not None:
                 on_time = [r for r in kept if r.duration <= fed.deadline_s]
                 if len(on_time) < len(kept):
@@ -478,7 +481,8 @@ class Driver:
         self.strategy.load_state_dict(payload["strategy"])
         self.executor.load_state_dict(payload["executor"])
         path = self.run_dir / "metrics.jsonl"
-        lines = path.read_text().splitlines()[: self.progress.metrics_lines]
+        text = path.read_text() if path.exists() else ""
+        lines = text.splitlines()[: self.progress.metrics_lines]
         path.write_text("".join(line + "\n" for line in lines))
         self.metrics = [json.loads(line) for line in lines]
         return True
@@ -491,9 +495,3 @@ class Driver:
         save_adapter(final, self.run_dir / "final_adapter", self.cfg.lora, base)
         summary = write_outputs(self.run_dir, self.cfg, self.metrics, self.progress.time_to_target)
         return RunResult(final, self.metrics, summary, self.run_dir)
-
-
-def _mean_loss(updates: list[ClientUpdate]) -> float | None:
-    if not updates:
-        return None
-    return float(np.mean([u.metrics["train_loss"] for u in updates]))

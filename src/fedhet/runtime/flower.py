@@ -24,8 +24,11 @@ simulator's; :class:`FlowerExecutor` only moves messages:
    (synchronous: every evaluation point; asynchronous: the end).
 
 Clock (``clock`` run config key): ``wall`` (default) — a reply's duration is
-the wall seconds from its push to its arrival and asynchronous replies are
-handled in the order they come; ``virtual`` — durations are the simulator's
+the wall seconds from its push to its arrival (download, training, upload; in
+Flower's simulation engine also the wait for a free actor, so HierFedLoRA's
+speed estimates are skewed there: use ``virtual``) and asynchronous replies are
+handled in the order they come; a reply not back by ``deadline_s`` is a
+``timeout`` (dropped, and the round lasts the deadline); ``virtual`` — durations are the simulator's
 cost model (:mod:`fedhet.runtime.cost`: the reply's tokens, the plan's depth,
 the bytes, the config's fleet) and asynchronous replies are released in virtual
 finish order (the executor waits for every reply in flight before releasing the
@@ -200,7 +203,7 @@ class FlowerExecutor(Executor):
         self.experiment = cfg.model_dump_json()
         self.nodes: dict[int, _Node] = {}
         self.pending: dict[str, _Sent] = {}
-        self.replies: dict[str, tuple[Message, float]] = {}  # async: back, not yet released
+        self.replies: dict[str, tuple[ClientRun, float]] = {}  # async: back, not yet released
         self._started = time.perf_counter()
 
     # ------------------------------------------------------------------ nodes
@@ -240,6 +243,7 @@ class FlowerExecutor(Executor):
             )
         if not self.nodes:
             raise FedhetError("no SuperNode answered the query; see the SuperNodes' logs")
+        self._started = time.perf_counter()  # the run's clock starts with the nodes
         fleet = self.costs.fleet
         return [
             ClientInfo(
@@ -276,12 +280,16 @@ class FlowerExecutor(Executor):
         return message_id, _Sent(inst, event, spec, plan, time.perf_counter())
 
     def _run_of(self, sent: _Sent, reply: Message | None, arrived: float) -> ClientRun:
-        """The driver's view of a reply (``None``: not back in time)."""
+        """The driver's view of a reply (``None``: not back by the deadline, a
+        ``timeout`` that lasted until ``arrived``)."""
         cid = sent.inst.client_id
-        run = ClientRun(cid, sent.spec, None)
-        if reply is None or reply.has_error():
-            reason = "no reply in time" if reply is None else reply.error.reason
-            log.warning("client %d failed: %s", cid, reason)
+        run = ClientRun(cid, sent.spec, None, duration=arrived - sent.sent)
+        if reply is None:
+            log.warning("client %d: no reply by the deadline", cid)
+            run.fault = "timeout"
+            return run
+        if reply.has_error():
+            log.warning("client %d failed: %s", cid, reply.error.reason)
             return run
         try:
             run.update = decode_update(reply.content)
@@ -295,13 +303,13 @@ class FlowerExecutor(Executor):
             run.duration = self.costs.duration(
                 cid, sent.plan, tokens, bytes_down, run.bytes_up, sent.event
             )
-        else:
-            run.duration = arrived - sent.sent
         return run
 
     def execute(
         self, jobs: list[tuple[Instruction, int]], *, deadline: float | None = None
     ) -> list[ClientRun]:
+        if self.virtual:
+            deadline = None  # virtual durations: the driver applies the deadline to them
         group = f"batch-{jobs[0][1]}"
         sent = dict(self._push(inst, event, group) for inst, event in jobs)
         replies: dict[str, tuple[Message, float]] = {}
@@ -332,20 +340,20 @@ class FlowerExecutor(Executor):
             back = list(self.grid.pull_messages(waiting))
             now = time.perf_counter()
             for reply in back:
-                self.replies[reply.metadata.reply_to_message_id] = (reply, now)
+                message_id = reply.metadata.reply_to_message_id
+                self.replies[message_id] = (self._run_of(self.pending[message_id], reply, now), now)
             if not back:
                 time.sleep(self.options.poll_interval)
-        runs = {m: self._run_of(self.pending[m], *self.replies[m]) for m in self.replies}
         if self.virtual:
-            finish = {m: self.pending[m].start + runs[m].duration for m in runs}
-            chosen = min(runs, key=lambda m: (finish[m], self.pending[m].event))
+            finish = {m: self.pending[m].start + r.duration for m, (r, _) in self.replies.items()}
+            chosen = min(finish, key=lambda m: (finish[m], self.pending[m].event))
             when = finish[chosen]
         else:
-            chosen = min(runs, key=lambda m: self.replies[m][1])
+            chosen = min(self.replies, key=lambda m: self.replies[m][1])
             when = self.replies[chosen][1] - self._started
         sent = self.pending.pop(chosen)
-        del self.replies[chosen]
-        return Arrival(when, runs[chosen], sent.lost)
+        run, _ = self.replies.pop(chosen)
+        return Arrival(when, run, sent.lost)
 
     def in_flight(self) -> set[int]:
         return {s.inst.client_id for s in self.pending.values()}

@@ -33,7 +33,7 @@ from flwr.clientapp import ClientApp
 from fedhet.client.train import TrainPlan, run_instruction
 from fedhet.config import ExperimentConfig, validate_config
 from fedhet.data.encode import Example, encode
-from fedhet.data.federated import DataConfig, FederatedData, build_federated_data
+from fedhet.data.federated import DataConfig, FederatedData, build_federated_data, with_options
 from fedhet.data.records import Record
 from fedhet.data.sources import FORMATS, load_source
 from fedhet.errors import FedhetError
@@ -122,6 +122,9 @@ def _node_data(cfg: ExperimentConfig, node_config: Mapping[str, Any], worker: _W
             if "test-path" in node_config
             else []
         )
+        labels = cfg.data.options
+        if labels:  # the experiment's label list applies to every node's files
+            train, test = with_options(train, labels), with_options(test, labels)
         counts = Counter(r.category for r in (*train, *test))
         histogram = {c: counts[c] for c in sorted(counts)}
     else:

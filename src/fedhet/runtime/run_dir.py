@@ -7,8 +7,10 @@ touching anything, what happens to ``output_dir/name``:
 * it holds an earlier run: an error naming ``--resume`` (continue it) and
   ``--overwrite`` (delete it and start again: :func:`clear_run_dir`, called once
   data and model have loaded), so nothing in it changes;
-* ``resume``: the folder must hold a checkpoint, and its saved ``config.yaml``
-  must equal the config given now (the error lists the fields that differ).
+* ``resume``: the saved ``config.yaml``, if any, must equal the config given now
+  (the error lists the fields that differ); the run continues from the newest
+  checkpoint, or starts when there is none yet (a supervisor may always pass
+  ``--resume``, also before the first checkpoint was written).
 """
 
 from __future__ import annotations
@@ -30,9 +32,8 @@ def check_run_dir(cfg: ExperimentConfig, *, resume: bool = False, overwrite: boo
         raise FedhetError("--resume and --overwrite: give one of them")
     used = run_dir.is_dir() and any(run_dir.iterdir())
     if resume:
-        checkpoints = run_dir / "checkpoints"
-        if not (checkpoints.is_dir() and any(checkpoints.iterdir())):
-            raise FedhetError(f"--resume: no checkpoint in {run_dir} (run it without --resume)")
+        if not (run_dir / "config.yaml").is_file():
+            return run_dir  # nothing to continue yet: the run starts
         differences = config_differences(run_dir / "config.yaml", cfg)
         if differences:
             raise FedhetError(
@@ -55,8 +56,6 @@ def clear_run_dir(cfg: ExperimentConfig) -> None:
 
 def config_differences(saved: Path, cfg: ExperimentConfig) -> list[str]:
     """``field: saved → now`` for every dotted field that differs (empty: same)."""
-    if not saved.is_file():
-        return [f"{saved} is missing"]
     before = _flat(yaml.safe_load(saved.read_text()) or {})
     now = _flat(cfg.model_dump(mode="json"))
     return [

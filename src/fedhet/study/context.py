@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fedhet.client.evaluate import result_key
 from fedhet.client.train import local_update
-from fedhet.config import ExperimentConfig, apply_overrides, validate_config
+from fedhet.config import ExperimentConfig, apply_overrides, resolve_paths, validate_config
 from fedhet.data.context import QUANTITY_LEVELS, estimate_alpha
 from fedhet.data.federated import FederatedData, build_federated_data
 from fedhet.errors import FedhetError
@@ -143,7 +143,7 @@ def load_study(
                 for e in err.errors()
             )
         ) from None
-    cfg = validate_config(raw, source=str(path))
+    cfg = resolve_paths(validate_config(raw, source=str(path)), Path(path).parent)
     if cfg.eval.unseen_clients:
         raise FedhetError(f"{path}: field eval.unseen_clients must be 0 in a context study")
     return cfg, study
