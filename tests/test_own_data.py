@@ -159,3 +159,22 @@ def test_every_command_of_the_readme_section_runs(tmp_path, monkeypatch):
         assert result.exit_code == 0, f"{command}\n{result.output}"
     for name in ("reviews", "reviews-tsv", "qa", "quiz"):
         assert (tmp_path / "runs" / name / "final_adapter" / "adapter_config.json").is_file()
+
+
+def test_a_log_file_gets_a_line_per_round_with_an_eta(tmp_path):
+    """stdout is not a terminal here (as when redirected to a file): no progress bar,
+    one line per round with the elapsed time and the ETA, as the run goes."""
+    result = _fedhet("run", EXAMPLES / "qa.yaml", "--set", f"output_dir={tmp_path}")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "step " in line]
+    assert any("step 1/2" in line and "ETA" in line for line in lines)
+    assert any("step 2/2" in line for line in lines)
+    assert "FutureWarning" not in result.output
+
+
+def test_the_adapter_names_a_base_model_peft_can_find(tmp_path):
+    from fedhet.model.base import base_model_reference
+
+    assert base_model_reference("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert base_model_reference("some-org/some-model") == "some-org/some-model"
+    assert base_model_reference(tmp_path) == str(tmp_path.resolve())

@@ -7,6 +7,7 @@ stderr and exit code 2; other exceptions are bugs and keep their traceback.
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -29,7 +30,6 @@ def _quiet_libraries() -> None:
     their deprecation warnings are nothing a user can act on. When stdout is not a
     terminal (a log file), fedhet logs one line per round or arrival instead of a
     progress bar."""
-    import logging
     import warnings
 
     from transformers.utils import logging as hf_logging
@@ -38,12 +38,18 @@ def _quiet_libraries() -> None:
     for module in ("transformers", "peft", "accelerate", "torch"):
         warnings.filterwarnings("ignore", category=FutureWarning, module=module)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+    fedhet_log = logging.getLogger("fedhet")
+    for old in [h for h in fedhet_log.handlers if isinstance(h, _LogFileLines)]:
+        fedhet_log.removeHandler(old)  # one per command, also when called again in-process
     if not sys.stdout.isatty():
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _LogFileLines(sys.stdout)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        fedhet_log = logging.getLogger("fedhet")
         fedhet_log.addHandler(handler)
         fedhet_log.setLevel(logging.INFO)
+
+
+class _LogFileLines(logging.StreamHandler):
+    """fedhet's log lines on stdout when it is not a terminal (a line per round)."""
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Inspect federated datasets.")
