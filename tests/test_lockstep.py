@@ -89,6 +89,7 @@ def test_the_memory_budget_caps_the_group_size():
     assert split_for_memory(32, per_client_bytes=1e9, budget_bytes=1e8) == 1  # at least one
 
 
+@pytest.mark.slow
 def test_a_lockstep_simulation_equals_the_sequential_one(smoke_config, monkeypatch):
     """FedIT, 4 clients per round, lockstep on with a budget that fits two clients per
     pass: the same adapter and figures as one-by-one training."""
@@ -114,6 +115,7 @@ def test_a_lockstep_simulation_equals_the_sequential_one(smoke_config, monkeypat
             assert a.get(key) == (None if b.get(key) is None else pytest.approx(b[key], 1e-5))
 
 
+@pytest.mark.slow
 def test_incompatible_strategies_fall_back_to_one_by_one(smoke_config, monkeypatch, caplog):
     calls = []
     monkeypatch.setattr(sim_module, "lockstep_updates", lambda *a, **k: calls.append(1))
@@ -123,6 +125,7 @@ def test_incompatible_strategies_fall_back_to_one_by_one(smoke_config, monkeypat
     assert calls == [] and "proximal" in caplog.text
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_changes_no_result(smoke_config):
     base = ("federation.rounds=1", "fleet.name=uniform")
     plain = Simulation(smoke_config(*base, "name=plain")).run()

@@ -121,6 +121,7 @@ def test_an_existing_run_name_is_never_silently_reused(finished_run):
     assert _snapshot(finished_run) == before
 
 
+@pytest.mark.slow
 def test_resume_of_a_finished_run_with_its_config_changes_no_result(finished_run, tmp_path):
     cfg_args = ["--set", f"output_dir={tmp_path}"]
     assert _fedhet("run", REVIEWS, *cfg_args).exit_code == 0
@@ -161,6 +162,7 @@ def test_every_command_of_the_readme_section_runs(tmp_path, monkeypatch):
         assert (tmp_path / "runs" / name / "final_adapter" / "adapter_config.json").is_file()
 
 
+@pytest.mark.slow
 def test_a_log_file_gets_a_line_per_round_with_an_eta(tmp_path):
     """stdout is not a terminal here (as when redirected to a file): no progress bar,
     one line per round with the elapsed time and the ETA, as the run goes."""
