@@ -152,3 +152,23 @@ def test_lockstep_on_cuda_matches_one_by_one():
         diff = sum(float((a.state[k] - t.state[k]).pow(2).sum()) for k in a.state) ** 0.5
         step = sum(float((a.state[k] - j.start[k]).pow(2).sum()) for k in a.state) ** 0.5
         assert diff <= 0.05 * step
+
+
+@pytest.mark.slow
+def test_asynchronous_clients_dispatched_together_train_in_one_pass(smoke_config, monkeypatch):
+    sizes = []
+    original = sim_module.lockstep_updates
+
+    def record(lm, jobs, *, pad_id):
+        sizes.append(len(jobs))
+        return original(lm, jobs, pad_id=pad_id)
+
+    monkeypatch.setattr(sim_module, "lockstep_updates", record)
+    base = ("strategy.name=fedasync", "federation.max_arrivals=4", "fleet.name=uniform")
+    one_by_one = Simulation(smoke_config(*base, "execution.lockstep=false", "name=a")).run()
+    together = Simulation(smoke_config(*base, "execution.lockstep=true", "name=b")).run()
+    assert sizes == [3]  # the three first dispatches; later ones start alone
+    assert [r.get("client") for r in together.metrics] == [
+        r.get("client") for r in one_by_one.metrics
+    ]
+    assert _close(together.state, one_by_one.state)

@@ -131,7 +131,8 @@ class ExecutionConfig(_Section):
     """How the simulator executes client updates (results do not depend on it,
     up to floating-point reduction order).
 
-    ``lockstep``: train the clients of a synchronous round that follow compatible
+    ``lockstep``: train the clients that start together (a synchronous round, a
+    hierarchical stage, the first asynchronous dispatches) and follow compatible
     plans in one loop, one forward pass for all (:mod:`fedhet.client.batched`):
     ``true``, ``false``, or ``auto`` (on CUDA devices only: on a CPU the matmuls are
     already near the machine's limit and lockstep gains little, see

@@ -1,7 +1,8 @@
 """Lockstep local training: several clients' updates in one forward pass.
 
-The clients of a group start at the same time (a synchronous round) and follow
-compatible plans (:func:`compatible`). Each step concatenates every client's
+The clients of a group start at the same time (a synchronous round, a
+hierarchical stage, the asynchronous clients dispatched together at the start)
+and follow compatible plans (:func:`compatible`). Each step concatenates every client's
 micro-batch into one batch (right-padded to the longest sequence) and runs the
 one shared base model once. Each sample is routed through its own client's LoRA
 factors: for a target module with input x_n of sample n, owned by client c(n),

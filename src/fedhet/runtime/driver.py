@@ -200,8 +200,7 @@ class Driver:
             online = np.array(self.executor.online(0), dtype=int)
             rng = np.random.default_rng([self.cfg.seed, 19, 0])
             first = rng.choice(online, min(fed.concurrency, len(online)), replace=False)
-            for cid in sorted(first.tolist()):
-                self._dispatch(int(cid))
+            self._dispatch(sorted(int(c) for c in first))  # together: one lockstep group
         while p.step < max_arrivals and self.executor.in_flight():
             t0 = time.perf_counter()
             arrival = self.executor.next_arrival()
@@ -254,19 +253,23 @@ class Driver:
             "applied": new_state is not None,
         }
 
-    def _dispatch(self, cid: int) -> float:
-        """Start ``cid`` now; returns its idle time since its last arrival."""
+    def _dispatch(self, cids: list[int]) -> float:
+        """Start ``cids`` now (one submission); returns the idle time of the last
+        since its last arrival."""
         p = self.progress
-        p.dispatches += 1
-        event = p.dispatches
-        idle = p.clock - p.last_finish.pop(cid, p.clock)
-        p.idle_time += idle
-        inst = self.strategy.configure(p.version, self.global_state, [cid])[0]
-        inst.version = p.version
-        p.bytes_down += state_bytes(inst.state)
-        dropout = self.executor.dropout
-        lost = bool(np.random.default_rng([self.cfg.seed, 23, event]).random() < dropout)
-        self.executor.submit(inst, event, p.clock, lost=lost)
+        jobs = []
+        for cid in cids:
+            p.dispatches += 1
+            event = p.dispatches
+            idle = p.clock - p.last_finish.pop(cid, p.clock)
+            p.idle_time += idle
+            inst = self.strategy.configure(p.version, self.global_state, [cid])[0]
+            inst.version = p.version
+            p.bytes_down += state_bytes(inst.state)
+            dropout = self.executor.dropout
+            lost = bool(np.random.default_rng([self.cfg.seed, 23, event]).random() < dropout)
+            jobs.append((inst, event, lost))
+        self.executor.submit(jobs, p.clock)
         return idle
 
     def _redispatch(self, arrived: int) -> tuple[int, float]:
@@ -276,13 +279,13 @@ class Driver:
         online = self.executor.online(p.dispatches + 1)
         restart = self.cfg.federation.restart == "same" or self.strategy.restart_same_client
         if restart and arrived in online:
-            return arrived, self._dispatch(arrived)
+            return arrived, self._dispatch([arrived])
         p.last_finish.pop(arrived, None)  # released: free, not idle
         busy = self.executor.in_flight()
         idle = [c for c in online if c not in busy] or [arrived]
         rng = np.random.default_rng([self.cfg.seed, 29, p.dispatches])
         chosen = int(rng.choice(idle))
-        return chosen, self._dispatch(chosen)
+        return chosen, self._dispatch([chosen])
 
     # -------------------------------------------------------- hierarchical
     def _run_hier(self, rounds: int, advance) -> None:

@@ -127,8 +127,9 @@ class Executor(ABC):
         that many seconds of the executor's clock; a run not back is lost)."""
 
     @abstractmethod
-    def submit(self, inst: Instruction, event: int, now: float, *, lost: bool) -> None:
-        """Asynchronous: start one instruction at time ``now``."""
+    def submit(self, jobs: list[tuple[Instruction, int, bool]], now: float) -> None:
+        """Asynchronous: start instructions at time ``now``, each with its event
+        number and whether the driver dooms it to be lost (simulated dropout)."""
 
     @abstractmethod
     def next_arrival(self) -> Arrival:

@@ -327,10 +327,11 @@ class FlowerExecutor(Executor):
             self._run_of(s, *replies.get(m, (None, time.perf_counter()))) for m, s in sent.items()
         ]
 
-    def submit(self, inst: Instruction, event: int, now: float, *, lost: bool) -> None:
-        message_id, sent = self._push(inst, event, str(event))
-        sent.start, sent.lost = now, lost
-        self.pending[message_id] = sent
+    def submit(self, jobs: list[tuple[Instruction, int, bool]], now: float) -> None:
+        for inst, event, lost in jobs:
+            message_id, sent = self._push(inst, event, str(event))
+            sent.start, sent.lost = now, lost
+            self.pending[message_id] = sent
 
     def next_arrival(self) -> Arrival:
         """Wall clock: the first reply to come. Virtual clock: once every message

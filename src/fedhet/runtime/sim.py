@@ -257,9 +257,12 @@ class Simulation(Executor):
                 runs.append(self._delivered(inst, event, *prepared[i], result))
         return runs
 
-    def submit(self, inst: Instruction, event: int, now: float, *, lost: bool) -> None:
-        run = self.run_client(inst, event)
-        heapq.heappush(self._heap, (now + run.duration, event, inst.client_id, lost, run))
+    def submit(self, jobs: list[tuple[Instruction, int, bool]], now: float) -> None:
+        """Train the dispatched clients now (together where lockstep allows); each
+        is delivered at ``now`` + its duration."""
+        runs = self.execute([(inst, event) for inst, event, _ in jobs])
+        for (inst, event, lost), run in zip(jobs, runs, strict=True):
+            heapq.heappush(self._heap, (now + run.duration, event, inst.client_id, lost, run))
 
     def next_arrival(self) -> Arrival:
         finish, _, _, lost, run = heapq.heappop(self._heap)
