@@ -251,6 +251,7 @@ SETUP = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_every_registered_strategy_runs_on_flower(smoke_config, name):
     """Whatever the mode (sync, async, hier), a registered strategy runs on Flower

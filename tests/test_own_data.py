@@ -45,6 +45,7 @@ def finished_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_a_csv_with_a_label_list_and_a_test_file_runs(finished_run):
     run_dir = finished_run / "reviews"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -89,6 +90,7 @@ BAD = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(finished_run, tmp_path, case):
     overrides, expected = BAD[case]
@@ -105,6 +107,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(finished_run, tmp_path
     assert not (finished_run / "fresh").exists()
 
 
+@pytest.mark.slow
 def test_an_existing_run_name_is_never_silently_reused(finished_run):
     before = _snapshot(finished_run)
     again = _fedhet("run", REVIEWS, "--set", f"output_dir={finished_run}")
