@@ -41,6 +41,20 @@ def _jobs(lm, examples, ranks=(8, 4, 8, 2), masked=2, steps=3):
     return jobs
 
 
+@pytest.fixture
+def pass_sizes(monkeypatch) -> list[int]:
+    """The number of clients of every lockstep pass the simulator makes."""
+    sizes: list[int] = []
+    original = sim_module.lockstep_updates
+
+    def record(lm, jobs, *, pad_id):
+        sizes.append(len(jobs))
+        return original(lm, jobs, pad_id=pad_id)
+
+    monkeypatch.setattr(sim_module, "lockstep_updates", record)
+    return sizes
+
+
 def _close(a, b, atol=1e-5):
     return all(torch.allclose(a[k], b[k], rtol=0, atol=atol) for k in a) and a.keys() == b.keys()
 
@@ -90,17 +104,10 @@ def test_the_memory_budget_caps_the_group_size():
 
 
 @pytest.mark.slow
-def test_a_lockstep_simulation_equals_the_sequential_one(smoke_config, monkeypatch):
+def test_a_lockstep_simulation_equals_the_sequential_one(smoke_config, pass_sizes):
     """FedIT, 4 clients per round, lockstep on with a budget that fits two clients per
     pass: the same adapter and figures as one-by-one training."""
-    sizes = []
-    original = sim_module.lockstep_updates
-
-    def record(lm, jobs, *, pad_id):
-        sizes.append(len(jobs))
-        return original(lm, jobs, pad_id=pad_id)
-
-    monkeypatch.setattr(sim_module, "lockstep_updates", record)
+    sizes = pass_sizes
     base = ("federation.rounds=2", "federation.clients_per_round=4", "fleet.name=uniform")
     sequential = Simulation(smoke_config(*base, "execution.lockstep=false", "name=seq")).run()
     assert sizes == []
@@ -155,15 +162,8 @@ def test_lockstep_on_cuda_matches_one_by_one():
 
 
 @pytest.mark.slow
-def test_asynchronous_clients_dispatched_together_train_in_one_pass(smoke_config, monkeypatch):
-    sizes = []
-    original = sim_module.lockstep_updates
-
-    def record(lm, jobs, *, pad_id):
-        sizes.append(len(jobs))
-        return original(lm, jobs, pad_id=pad_id)
-
-    monkeypatch.setattr(sim_module, "lockstep_updates", record)
+def test_asynchronous_clients_dispatched_together_train_in_one_pass(smoke_config, pass_sizes):
+    sizes = pass_sizes
     base = ("strategy.name=fedasync", "federation.max_arrivals=4", "fleet.name=uniform")
     one_by_one = Simulation(smoke_config(*base, "execution.lockstep=false", "name=a")).run()
     together = Simulation(smoke_config(*base, "execution.lockstep=true", "name=b")).run()

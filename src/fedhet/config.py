@@ -14,7 +14,6 @@ local training plan), ``strategy`` (name + parameters), ``federation``
 from __future__ import annotations
 
 import difflib
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from fedhet.data.federated import DataConfig
 from fedhet.errors import FedhetError
 from fedhet.model.lora import LoraSpec
+from fedhet.runtime.checkpoint import write_atomic
 from fedhet.runtime.faults import FaultSpec
 
 
@@ -280,8 +280,5 @@ def _did_you_mean(loc: tuple[Any, ...]) -> str:
 
 
 def dump_config(cfg: ExperimentConfig, path: str | Path) -> None:
-    """Write the config as YAML (atomically: a temporary sibling renamed over ``path``)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    os.replace(tmp, path)
+    """Write the config as YAML (atomically)."""
+    write_atomic(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

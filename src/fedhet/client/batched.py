@@ -126,6 +126,9 @@ def lockstep_updates(
         ]
         streams.append(batch_stream(list(data), j.plan.batch_size, j.plan.seed, pad_id))
     use_bf16 = device.type == "cuda"
+    clip = None
+    if plan.max_grad_norm is not None:
+        clip = partial(_clip_per_client, params, plan.max_grad_norm)
 
     loss_sums = torch.zeros(G, device=device)
     tokens = [0] * G
@@ -148,9 +151,6 @@ def lockstep_updates(
                     per_client = _client_means(nll, owner[rows], G)
                     loss_sums += per_client.detach()
                     (per_client.sum() / plan.grad_accum).backward()
-                clip = None
-                if plan.max_grad_norm is not None:
-                    clip = partial(_clip_per_client, params, plan.max_grad_norm)
                 masked_step(params, masks, frozen_copy, optimizer, scheduler, clip)
     finally:
         for hook in hooks:

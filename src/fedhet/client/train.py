@@ -128,6 +128,9 @@ def local_update(
     data = list(examples) if indices is None else [examples[i] for i in indices]
     stream = batch_stream(data, plan.batch_size, plan.seed, pad_id)
     use_bf16 = device.type == "cuda"
+    clip = None
+    if plan.max_grad_norm is not None:
+        clip = partial(torch.nn.utils.clip_grad_norm_, list(params.values()), plan.max_grad_norm)
 
     lm.model.train()
     loss_sum = torch.zeros((), device=device)
@@ -149,9 +152,6 @@ def local_update(
             tokens += batch.num_tokens
         if fisher:
             fisher.observe(params)
-        clip = None
-        if plan.max_grad_norm is not None:
-            clip = partial(torch.nn.utils.clip_grad_norm_, params.values(), plan.max_grad_norm)
         masked_step(params, masks, frozen_copy, optimizer, scheduler, clip)
     lm.model.eval()
     seconds = time.perf_counter() - started

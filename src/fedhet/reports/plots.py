@@ -56,11 +56,10 @@ def plot_report(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if (folder / "metrics.jsonl").is_file():
         return plot_run(folder)
-    runs = sorted(p for p in folder.iterdir() if (p / "metrics.jsonl").is_file()) if (
-        folder.is_dir()
-    ) else []
+    runs = sorted(folder.glob("*/metrics.jsonl"))
     if not runs:
         raise FedhetError(f"{folder}: no metrics.jsonl in it or in its subfolders (not a run)")
+    runs = [path.parent for path in runs]
     out = [path for run in runs for path in plot_run(run)]
     compared = {run.name: read_metrics(run) for run in runs}
     out.append(plot_compare(compared, folder / "compare.png", title=folder.name))

@@ -10,12 +10,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from fedhet.client.evaluate import result_key
 from fedhet.config import ExperimentConfig
+from fedhet.runtime.checkpoint import write_atomic
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -65,7 +65,7 @@ def write_outputs(
     writer = csv.DictWriter(table, columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(metrics)
-    atomic_write(run_dir / "metrics.csv", table.getvalue())
+    write_atomic(run_dir / "metrics.csv", table.getvalue())
     summary = summarize(metrics, cfg.eval.metric, time_to_target)
     scoring = (
         f"; accuracy by {cfg.eval.option_scoring} log-likelihood of the options"
@@ -83,16 +83,9 @@ def write_outputs(
         "|---|---|",
     ]
     lines += [f"| {k} | {fmt(v)} |" for k, v in summary.items()]
-    atomic_write(run_dir / "summary.md", "\n".join(lines) + "\n")
-    atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2))
+    write_atomic(run_dir / "summary.md", "\n".join(lines) + "\n")
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary sibling, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def fmt(value: Any) -> str:

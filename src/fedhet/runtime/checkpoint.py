@@ -33,16 +33,26 @@ def save_checkpoint(
     data = buffer.getvalue()
     digest = hashlib.sha256(data).hexdigest().encode()
     final = directory / f"{_PREFIX}{step:08d}.pt"
-    tmp = final.with_suffix(".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(digest + b"\n" + data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    _fsync_dir(directory)
+    write_atomic(final, digest + b"\n" + data, durable=True)
     for old in _checkpoints(directory)[:-keep]:
         old.unlink(missing_ok=True)
     return final
+
+
+def write_atomic(path: str | Path, data: bytes | str, *, durable: bool = False) -> None:
+    """Write ``data`` to a temporary sibling, then rename it over ``path``: a reader
+    sees the old file or the new one, never half of one. ``durable``: also fsync the
+    file and its folder (survives a power cut, not only a killed process)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data.encode() if isinstance(data, str) else data)
+        if durable:
+            fh.flush()
+            os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    if durable:
+        _fsync_dir(path.parent)
 
 
 def load_latest(directory: str | Path) -> dict[str, Any] | None:

@@ -125,7 +125,10 @@ class Simulation(Executor):
         # owned by the client's local update, kept here and checkpointed.
         self.client_cache: dict[int, dict[str, Any]] = {}
         self._heap: list[tuple[float, int, int, bool, ClientRun]] = []
+        lockstep, on_cuda = cfg.execution.lockstep, model.device.type == "cuda"
+        self._lockstep = lockstep is True or (lockstep == "auto" and on_cuda)
         self._sequential_reasons: set[str] = set()
+        self._client_bytes: float | None = None  # one client's share of a lockstep pass
 
     # ------------------------------------------------------------------ run
     def run(self, *, resume: bool = False) -> RunResult:
@@ -213,21 +216,20 @@ class Simulation(Executor):
         return ClientRun(cid, expected, update, duration, bytes_up, fault)
 
     def _lockstep_groups(self, plans: list[TrainPlan]) -> list[list[int]] | None:
-        """Job indices in lockstep groups, or None for one-by-one training
-        (``execution.lockstep``; the reason is logged once)."""
-        ex = self.cfg.execution
-        on_cuda = next(self.lm.model.parameters()).device.type == "cuda"
-        if len(plans) < 2 or ex.lockstep is False or (ex.lockstep == "auto" and not on_cuda):
-            return None
+        """Job indices in lockstep groups (each within ``execution.memory_gb``), or
+        None for one-by-one training when the plans are not compatible (the reason
+        is logged once)."""
         reason = compatible(self.lm, plans)
         if reason is not None:
             if reason not in self._sequential_reasons:
                 self._sequential_reasons.add(reason)
                 log.info("clients train one by one: %s", reason)
             return None
+        ex = self.cfg.execution
         budget = None if ex.memory_gb is None else ex.memory_gb * 2**30
-        per_client = client_training_bytes(self.cfg, self.lm)
-        size = min(ex.max_group, split_for_memory(len(plans), per_client, budget))
+        if self._client_bytes is None:
+            self._client_bytes = client_training_bytes(self.cfg, self.lm)
+        size = min(ex.max_group, split_for_memory(len(plans), self._client_bytes, budget))
         return [list(range(i, min(i + size, len(plans)))) for i in range(0, len(plans), size)]
 
     # -------------------------------------------------------- the executor
@@ -242,6 +244,8 @@ class Simulation(Executor):
     ) -> list[ClientRun]:
         """Run the jobs on the shared model, in lockstep groups where
         ``execution.lockstep`` allows (the deadline is the driver's to apply)."""
+        if not self._lockstep or len(jobs) < 2:
+            return [self.run_client(inst, event) for inst, event in jobs]
         prepared = [self._plan(inst, event) for inst, event in jobs]
         groups = self._lockstep_groups([plan for _, plan in prepared])
         if groups is None:
