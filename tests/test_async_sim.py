@@ -2,6 +2,7 @@
 schedules: every client update is real (tiny model) but its virtual duration is
 fixed per client, so arrival order, staleness and idle time are hand-computable."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,16 +53,15 @@ def make(smoke_config, tmp_path):
     return build
 
 
-@pytest.mark.parametrize(("name", "restart"), [("fedfa", "random"), ("fedasync", "same")])
-def test_staleness_on_a_scripted_schedule_and_no_idle(make, name, restart):
-    # all three start at t=0 from version 0 and restart at once on arrival:
+FULL = ["federation.regime=full"]
+
+
+@pytest.mark.parametrize(("name", "regime"), [("fedfa", []), ("fedasync", FULL)])
+def test_staleness_on_a_scripted_schedule_and_no_idle(make, name, regime):
+    # the full regime (FedFa's default): all three start at t=0 from version 0 and
+    # restart at once on arrival:
     # t=1 c0 (v0→1), t=2 c0 (from v1), t=2.4 c1 (from v0), t=3 c0 (from v2), t=3.5 c2 (from v0)
-    sim = make(
-        f"strategy.name={name}",
-        f"federation.restart={restart}",  # FedFa restarts the arriving client regardless
-        "federation.concurrency=3",
-        "federation.max_arrivals=5",
-    )
+    sim = make(f"strategy.name={name}", *regime, "federation.max_arrivals=5")
     result = sim.run()
     rows = result.metrics[1:]
     assert [r["client"] for r in rows] == [0, 0, 1, 0, 2]
@@ -87,8 +87,7 @@ def test_fedbuff_staleness_counts_flushes_and_resume_is_exact(make):
     flags = (
         "strategy.name=fedbuff",
         "strategy.params.buffer_size=2",
-        "federation.restart=same",
-        "federation.concurrency=3",
+        "federation.regime=full",
     )
     whole = make(*flags, "name=whole", "federation.max_arrivals=5").run()
     rows = whole.metrics[1:]
@@ -110,13 +109,12 @@ def test_fedbuff_staleness_counts_flushes_and_resume_is_exact(make):
 def test_fedfa_with_dropouts_and_availability(make):
     sim = make(
         "strategy.name=fedfa",
-        "federation.concurrency=2",
         "federation.max_arrivals=8",
         "federation.dropout=0.4",
         online=0.5,
     )
     rows = sim.run().metrics[1:]
-    first = min(2, int(sim.fleet.online(0)[:3].sum()))  # initial dispatches
+    first = int(sim.fleet.online(0)[:3].sum())  # initial dispatches: every online client
     start = {c: 0 for c in range(3)}  # version each in-flight client started from
     version, dropped, replaced = 0, 0, 0
     for r in rows:
@@ -142,12 +140,24 @@ def test_fedfa_with_dropouts_and_availability(make):
     assert 0 < dropped < len(rows) and replaced > 0
 
 
-def test_fedfa_restart_ablation_trains_clients_beyond_the_first_in_flight(make):
-    # two in flight of three, all online: DESIGN's FedFa keeps re-dispatching the two
-    # it started with; the ablation hands each freed slot to a random idle client
-    flags = ("strategy.name=fedfa", "federation.concurrency=2", "federation.max_arrivals=8")
-    same = make(*flags, "name=same").run().metrics[1:]
-    free = make(*flags, "strategy.params.restart_same_client=false", "name=free").run().metrics[1:]
-    assert len({r["client"] for r in same}) == 2
-    assert {r["client"] for r in free} == {0, 1, 2}
-    assert all(r["idle"] == 0.0 for r in same[:-1] + free[:-1])
+def test_both_regimes_dispatch_as_defined_on_a_scripted_fleet(make):
+    # three clients, all online, updates of 1.0 / 2.4 / 3.5 s
+    flags = ("strategy.name=fedfa", "federation.max_arrivals=8")
+    full = make(*flags, "name=full").run().metrics[1:]
+    # full: every client starts at t=0 and each arrival restarts the same client
+    assert [r["client"] for r in full[:5]] == [0, 0, 1, 0, 2]
+    assert all(r["dispatched"] == r["client"] for r in full[:-1])
+    sim = make(*flags, "federation.regime=bounded", "federation.concurrency=2", "name=bounded")
+    rows = sim.run().metrics[1:]
+    # bounded: two in flight (the documented first draw), a freed slot goes to an idle
+    # client: the arriving one or the one not in flight, never a busy one
+    first = np.random.default_rng([sim.cfg.seed, 19, 0]).choice([0, 1, 2], 2, replace=False)
+    in_flight = {int(c) for c in first}
+    for r in rows:
+        in_flight.remove(r["client"])  # only clients in flight arrive
+        if "dispatched" in r:
+            assert r["dispatched"] not in in_flight
+            in_flight.add(r["dispatched"])
+            assert len(in_flight) == 2
+    assert {r["client"] for r in rows} == {0, 1, 2}  # the third client gets slots too
+    assert all(r["idle"] == 0.0 for r in full[:-1])

@@ -94,8 +94,7 @@ def test_fedbuff_state_dict_resumes_mid_buffer_exactly():
 
 def test_fedfa_window_after_a_scripted_arrival_sequence():
     strategy = FedFa(window=3)
-    assert strategy.restart_same_client and strategy.mode == "async"
-    assert not FedFa(restart_same_client=False).restart_same_client
+    assert strategy.regime == "full" and strategy.mode == "async"
     x = {A: torch.tensor([9.0]), B: torch.tensor([7.0])}
     (inst,) = strategy.configure(0, x, [0])
     assert inst.plan == {"send": "state"}

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from fedhet.model.lora import is_lora_a, load_adapter
-from fedhet.runtime.compare import reference_points
 from fedhet.runtime.driver import Driver
 from fedhet.runtime.sim import Simulation
 
@@ -111,18 +110,6 @@ def test_unseen_clients_are_never_trained_but_evaluated(smoke_config, monkeypatc
     result = Simulation(cfg).run()
     assert seen and max(seen) < 4
     assert "unseen_loss_mean" in result.metrics[-1]
-
-
-def test_reference_points_apply_the_protocol_rule_to_metric_and_loss():
-    rows = [
-        {"step": 0, "global_accuracy": 0.5, "global_loss": 2.0},
-        {"step": 1, "train_loss": 1.5},  # not evaluated: skipped
-        {"step": 2, "global_accuracy": 0.9, "global_loss": 1.0},
-    ]
-    assert reference_points(rows, "accuracy") == pytest.approx(
-        {"base": 0.5, "central": 0.9, "target": 0.86,
-         "loss_base": 2.0, "loss_central": 1.0, "loss_target": 1.1}
-    )
 
 
 def test_central_baseline_sees_as_many_samples(smoke_config):

@@ -67,10 +67,19 @@ class FederationConfig(_Section):
     is the probability that a selected client crashes mid-update (its update
     is lost, its time still counts).
 
-    Asynchronous strategies keep ``concurrency`` clients in flight until
-    ``max_arrivals`` updates have arrived; ``restart`` picks who is dispatched
-    after an arrival: the arriving client itself (``same``; when it is offline,
-    as with ``random``) or a random idle online client (``random``).
+    Asynchronous strategies run until ``max_arrivals`` updates have arrived, in
+    one of PROTOCOL v2's two regimes (``regime``; None: the strategy's own,
+    ``Strategy.regime``, FedFa's ``full`` and ``bounded`` for the others):
+
+    * ``full``: every online client is in flight from the start, and an arrival
+      restarts the same client from the new global model (a random idle online
+      client when it has gone offline); ``concurrency`` is not used there, so
+      one scenario file serves both regimes;
+    * ``bounded``: ``concurrency`` clients in flight; an arrival frees its slot for
+      a random idle online client (the arriving one included).
+
+    ``max_virtual_time`` (seconds of virtual clock; sync and async) ends a run at
+    the first round or arrival that reaches it, PROTOCOL v2's time budget.
 
     Every arriving update is validated (:mod:`fedhet.runtime.validation`);
     ``max_staleness`` (versions) and ``max_update_norm`` (L2 norm of the change
@@ -84,7 +93,8 @@ class FederationConfig(_Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     concurrency: int = Field(8, ge=1)
     max_arrivals: int = Field(40, ge=1)
-    restart: Literal["same", "random"] = "random"
+    regime: Literal["full", "bounded"] | None = None
+    max_virtual_time: float | None = Field(None, gt=0)
     checkpoint_every: int = Field(1, ge=1, description="rounds, or arrivals in async mode")
     keep_client_states: bool = Field(
         False,
@@ -109,7 +119,13 @@ class EvalConfig(_Section):
     ``local_size`` records. ``unseen_clients`` holds the last N clients out of
     training altogether; the global model is evaluated on their data (train and
     test records, capped at ``local_size``), FlexLoRA's unseen-client protocol.
-    ``target`` is the metric value defining "time to target" (None: not reported).
+    ``primary`` names the global figure that ``target``, "time to target" and the
+    experiment tables refer to (a key of the evaluation rows without ``global_``,
+    e.g. ``option_ce``; None: the metric's own). ``target`` is the value defining
+    "time to target" (None: not reported), reached from above for the loss-like
+    figures (:data:`fedhet.client.evaluate.LOWER_IS_BETTER`) and from below for
+    the others; ``stop_at_target`` ends the run at the first evaluation that
+    reaches it (PROTOCOL v2's budget).
     """
 
     every: int = Field(1, ge=1)
@@ -120,7 +136,9 @@ class EvalConfig(_Section):
     batch_size: int = Field(8, ge=1)
     max_new_tokens: int = Field(32, ge=1)
     unseen_clients: int = Field(0, ge=0)
+    primary: str | None = None
     target: float | None = None
+    stop_at_target: bool = False
     option_scoring: Literal["sum", "mean"] = "sum"
     """Accuracy: pick the option of largest summed log-likelihood (``sum``), or of
     largest mean log-likelihood per token (``mean``, length-normalised: options of
@@ -185,7 +203,14 @@ class ExperimentConfig(_Section):
                 f"{training} training clients (data.partition.num_clients minus "
                 "eval.unseen_clients)"
             )
+        if strategy.mode == "hier" and (fed.over_selection or fed.deadline_s is not None):
+            raise ValueError(
+                "federation.over_selection / federation.deadline_s: not supported by the "
+                f"hierarchical strategy {self.strategy.name!r}"
+            )
         in_flight = fed.concurrency if "concurrency" in given else 0
+        if self.eval.stop_at_target and self.eval.target is None:
+            raise ValueError("eval.stop_at_target: needs eval.target")
         if strategy.mode == "async" and in_flight > training:
             raise ValueError(
                 f"federation.concurrency={fed.concurrency} exceeds the {training} training clients"

@@ -9,7 +9,10 @@
   fraction where it equals ``record.response``. Each prompt runs once, its options
   continuing from its KV cache (:func:`option_nll`); when every response is one of
   its record's options, the loss is read off the gold options' scores (the very tokens
-  the loss pass would score), so no separate loss pass runs.
+  the loss pass would score), so no separate loss pass runs. When every gold
+  response is one of its options, also ``option_ce`` (PROTOCOL v2's primary
+  S-cls figure): the mean over records of −log of the gold option's probability
+  normalised over the record's options (uninformed: log of the number of options).
 * ``exact_match``: greedy generation; the last number in the output compared
   numerically with ``record.answer`` (GSM8K's final number).
 * ``rouge``: ROUGE-L F1 (``rouge-score``, stemming on) between greedy
@@ -35,9 +38,22 @@ from fedhet.model.base import base_causal_lm
 METRICS = ("loss", "accuracy", "exact_match", "rouge")
 
 
+LOWER_IS_BETTER = frozenset({"loss", "ppl", "option_ce"})
+"""Result keys of loss-like figures: a target on them is reached from above."""
+
+
 def result_key(metric: str) -> str:
     """The key under which :func:`evaluate` reports ``metric`` (``rouge`` → ``rouge_l``)."""
     return {"rouge": "rouge_l"}.get(metric, metric)
+
+
+def reaches(key: str, value: float | None, target: float | None) -> bool:
+    """Whether ``value`` of the result ``key`` meets ``target`` (≤ for the
+    loss-like keys of :data:`LOWER_IS_BETTER`, ≥ otherwise)."""
+    if value is None or target is None:
+        return False
+    return value <= target if key in LOWER_IS_BETTER else value >= target
+
 _NUMBER_RE = re.compile(r"-?\d[\d,]*\.?\d*")
 
 
@@ -175,18 +191,30 @@ def evaluate_accuracy(
         raise ValueError("accuracy needs records with label options")
     per_record = option_nll(model, tokenizer, scored, max_length=max_length, batch_size=batch_size)
     with_loss = len(scored) == len(records) and all(r.response in r.options for r in records)
-    correct, gold_nll, gold_tokens = 0, 0.0, 0
+    correct, gold_nll, gold_tokens, option_ce = 0, 0.0, 0, 0.0
     for r, options in zip(scored, per_record, strict=True):
         best = min(range(len(r.options)), key=lambda j: _option_score(options[j], option_scoring))
         correct += r.options[best] == r.response
+        if r.response in r.options:
+            option_ce += _option_cross_entropy(options, r.options.index(r.response))
         if with_loss:
             nll, count = options[r.options.index(r.response)]
             gold_nll, gold_tokens = gold_nll + nll, gold_tokens + count
     result = {"accuracy": correct / len(scored)}
+    if all(r.response in r.options for r in scored):
+        result["option_ce"] = option_ce / len(scored)
     if with_loss:
         loss = gold_nll / max(1, gold_tokens)
         result |= {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
     return result
+
+
+def _option_cross_entropy(options: list[tuple[float, int]], gold: int) -> float:
+    """PROTOCOL v2's option cross-entropy of one record: −log of the gold option's
+    probability normalised over the options, p(o) ∝ exp(−summed NLL of o's tokens
+    and closing EOS); log(number of options) when the model cannot tell them apart."""
+    neg = torch.tensor([-nll for nll, _ in options], dtype=torch.float64)
+    return float(torch.logsumexp(neg, 0) - neg[gold])
 
 
 def _option_score(scored: tuple[float, int], option_scoring: str) -> float:

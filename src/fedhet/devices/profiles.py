@@ -13,6 +13,13 @@ probability ``online_prob`` (independent draws, seeded per round/dispatch).
 
 Built-in fleets (speeds are sustained fine-tuning throughput, not peak):
 
+* ``jetson`` — PROTOCOL v2's default: four classes of edge boards in equal
+  shares, sustained speeds in ratio 1 : 2 : 4 : 8 (0.1, 0.2, 0.4, 0.8 TFLOP/s),
+  memory 4 / 8 / 16 / 32 GB, every board on the same wide-area link (20 Mbit/s
+  up, 50 Mbit/s down), always online, no stragglers. The class names follow the
+  Jetson line-up, but the speeds are scaled down ~100× with PROTOCOL's cpu-size
+  local work (16 short samples) so that compute, not the link, dominates an
+  update, as on the papers' testbeds;
 * ``uniform`` — every client a laptop-class device;
 * ``edge-mix`` — phones, Jetson-class boards, laptops and workstation GPUs in
   proportions 40/25/25/10 %, speeds 0.2 → 30 TFLOP/s (150×, about two orders of
@@ -66,7 +73,18 @@ class DeviceProfile(BaseModel):
         )
 
 
+_WAN = {"up_mbps": 20, "down_mbps": 50}  # PROTOCOL v2's device ↔ server link
+
 _BUILTIN: dict[str, list[DeviceProfile]] = {
+    "jetson": [
+        DeviceProfile(name=name, speed=speed, memory_gb=memory, share=0.25, **_WAN)
+        for name, speed, memory in (
+            ("nano", 1e11, 4),
+            ("tx2", 2e11, 8),
+            ("xavier-nx", 4e11, 16),
+            ("agx-orin", 8e11, 32),
+        )
+    ],
     "uniform": [
         DeviceProfile(name="laptop", speed=2e12, memory_gb=16, up_mbps=50, down_mbps=200),
     ],

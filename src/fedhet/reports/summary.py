@@ -24,10 +24,17 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def summarize(
-    metrics: list[dict[str, Any]], metric: str, time_to_target: float | None
+    metrics: list[dict[str, Any]],
+    metric: str,
+    time_to_target: float | None,
+    primary: str | None = None,
 ) -> dict[str, Any]:
-    """Final and initial global/local figures, bytes, updates, times."""
+    """Final and initial global/local figures (the metric's and the ``primary``
+    figure's, ``eval.primary``), bytes, updates, times, and why the run stopped
+    (``stopped``: ``budget``, ``time`` or ``target``)."""
     key = result_key(metric)
+    primary = primary or key
+    with_primary = [m for m in metrics if f"global_{primary}" in m]
     evaluated = [m for m in metrics if f"global_{key}" in m]
     first, last = (evaluated[0], evaluated[-1]) if evaluated else ({}, {})
     final = metrics[-1] if metrics else {}
@@ -36,6 +43,9 @@ def summarize(
         "initial_global": first.get(f"global_{key}"),
         "final_global": last.get(f"global_{key}"),
         "final_global_loss": last.get("global_loss"),
+        "primary": primary,
+        "initial_primary": with_primary[0][f"global_{primary}"] if with_primary else None,
+        "final_primary": with_primary[-1][f"global_{primary}"] if with_primary else None,
         "initial_local_mean": first.get(f"local_{key}_mean"),
         "final_local_mean": last.get(f"local_{key}_mean"),
         "final_local_std": last.get(f"local_{key}_std"),
@@ -48,6 +58,7 @@ def summarize(
         "dropped": final.get("dropped"),
         "rejected": final.get("rejected"),
         "idle_fraction": final.get("idle_fraction"),
+        "stopped": final.get("stopped", "budget"),
     }
 
 
@@ -66,7 +77,7 @@ def write_outputs(
     writer.writeheader()
     writer.writerows(metrics)
     write_atomic(run_dir / "metrics.csv", table.getvalue())
-    summary = summarize(metrics, cfg.eval.metric, time_to_target)
+    summary = summarize(metrics, cfg.eval.metric, time_to_target, cfg.eval.primary)
     scoring = (
         f"; accuracy by {cfg.eval.option_scoring} log-likelihood of the options"
         if cfg.eval.metric == "accuracy"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 from pathlib import Path
@@ -63,6 +64,14 @@ def load_latest(directory: str | Path) -> dict[str, Any] | None:
             return payload
         log.warning("checkpoint %s is corrupt; falling back to the previous one", path)
     return None
+
+
+def truncate_rows(path: Path, count: int) -> list[dict[str, Any]]:
+    """Keep the first ``count`` rows of a JSON-lines file (a resumed run's metrics,
+    as many as its checkpoint counted); returns them."""
+    lines = (path.read_text() if path.exists() else "").splitlines()[:count]
+    path.write_text("".join(line + "\n" for line in lines))
+    return [json.loads(line) for line in lines]
 
 
 def _read(path: Path) -> dict[str, Any] | None:

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedhet.config import ExperimentConfig, load_config, validate_config
+from fedhet.config import load_config, validate_config
 from fedhet.data.check import check_data
-from fedhet.data.federated import FederatedData, build_federated_data
+from fedhet.data.federated import build_federated_data
 from fedhet.errors import FedhetError
 from fedhet.reports.plots import plot_compare
 from fedhet.reports.summary import fmt
@@ -42,34 +42,6 @@ _COLUMNS = (
 class Comparison:
     summaries: dict[str, dict[str, Any]]
     out_dir: Path
-
-
-def protocol_reference(cfg: ExperimentConfig, fed: FederatedData) -> dict[str, float]:
-    """PROTOCOL.md's reference points of a scenario: ``base`` (no adapter),
-    ``central`` (one adapter on the union of the clients' data, as many samples as
-    the federated run: :meth:`Simulation.run_central`) and
-    ``target = base + 0.9 · (central − base)`` of the global metric, and the same
-    three of the global loss (see :func:`reference_points`)."""
-    result = Simulation(cfg, fed=fed).run_central(every_chunk=False)
-    return reference_points(result.metrics, result.summary["metric"])
-
-
-def reference_points(rows: list[dict[str, Any]], metric: str) -> dict[str, float]:
-    """``base``, ``central``, ``target`` of ``global_<metric>`` and ``loss_base``,
-    ``loss_central``, ``loss_target`` of ``global_loss``, read off a central run's
-    metrics rows (its first and last evaluated row). The same 0.9 rule gives the
-    loss target, which is reached from above (loss ≤ target)."""
-    evaluated = [row for row in rows if f"global_{metric}" in row]
-    first, last = evaluated[0], evaluated[-1]
-    points = {}
-    for prefix, key in (("", f"global_{metric}"), ("loss_", "global_loss")):
-        base, central = first[key], last[key]
-        points |= {
-            f"{prefix}base": base,
-            f"{prefix}central": central,
-            f"{prefix}target": base + 0.9 * (central - base),
-        }
-    return points
 
 
 def compare_strategies(

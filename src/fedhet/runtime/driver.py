@@ -16,31 +16,35 @@ updates are kept, then those later than ``deadline_s`` are dropped (the round
 then lasts the deadline). The round lasts as long as its slowest kept client;
 the others idle meanwhile.
 
-Asynchronous: ``concurrency`` clients are in flight (first draw ``(seed, 19, 0)``);
-arrivals come in the executor's time order with staleness
-τ = version now − version at dispatch, each validated and handed to
-``strategy.on_arrival`` (:meth:`Driver.apply_arrival`). A dispatch is lost with
-probability ``dropout`` (stream ``(seed, 23, dispatch)``). After every arrival
-but the last, one client is dispatched: the arriving one when the restart policy
-says so (``federation.restart: same`` or a strategy's ``restart_same_client``)
-and it is online, else a random idle online client (stream ``(seed, 29,
-dispatch)``); work dispatched after the last arrival would be thrown away.
+Asynchronous, in the regime ``federation.regime`` (else ``strategy.regime``):
+every online client (``full``) or ``concurrency`` of them (``bounded``, drawn
+with ``(seed, 19, 0)``) start in flight; arrivals come in the executor's time
+order with staleness τ = version now − version at dispatch, each validated and
+handed to ``strategy.on_arrival`` (:meth:`Driver.apply_arrival`). A dispatch is
+lost with probability ``dropout`` (stream ``(seed, 23, dispatch)``). After every
+arrival but the last, one client is dispatched: in ``full`` the arriving one when
+it is online, else a random idle online client (stream ``(seed, 29, dispatch)``).
 
-Hierarchical round r (strategy mode ``"hier"``): ``strategy.plan_round`` with the
-online clients and ``executor.planner_costs()`` gives each group's members, τ_g,
-K_g stages and blocks; each group downloads the global adapter over its group ↔
-server link, then K_g times: ``strategy.configure_group`` → the members run
-(each crashes with probability ``dropout``, stream ``(seed, 37, r, g, stage)``)
-→ validation → ``strategy.aggregate_group``; a stage lasts as long as its
-slowest member; last the group uploads its trained blocks, and
-``strategy.aggregate_groups`` merges the groups. Group g's time:
+Every loop ends at its budget (rounds or arrivals), at the first step whose
+clock reaches ``federation.max_virtual_time``, or, with ``eval.stop_at_target``,
+at the first evaluation that reaches ``eval.target``; the last row says which
+(``stopped``: ``budget``, ``time``, ``target``).
+
+Hierarchical round r (mode ``"hier"``): ``strategy.plan_round`` (online clients,
+``executor.planner_costs()``) gives each group's members, τ_g, K_g stages and
+blocks; a group downloads the global adapter over its group ↔ server link, then
+K_g times: ``strategy.configure_group`` → the members run (each crashes with
+probability ``dropout``, stream ``(seed, 37, r, g, stage)``) → validation →
+``strategy.aggregate_group``; a stage lasts as long as its slowest member; last
+the group uploads its trained blocks; ``strategy.aggregate_groups`` merges the
+groups. Group g's time:
 
     t_g = 8·|x| / down_G + Σ_{s=1..K_g} max_k t_{k,s} + 8·|x_g| / up_G
 
 and the round lasts as long as its slowest group; group ↔ server bytes count in
 ``group_bytes_*``; each row's ``groups`` logs τ, d, K, the planned and actual
-time and per stage the members, their steps and time. ``over_selection`` and
-``deadline_s`` are refused. Counters: :class:`~fedhet.runtime.progress.RunProgress`.
+time and per stage the members, their steps and time (the config refuses
+``over_selection`` and ``deadline_s``). Counters: :class:`~fedhet.runtime.progress.RunProgress`.
 """
 
 from __future__ import annotations
@@ -54,16 +58,15 @@ from typing import Any
 
 import numpy as np
 
-from fedhet.client.evaluate import result_key
+from fedhet.client.evaluate import reaches, result_key
 from fedhet.config import ExperimentConfig, dump_config
-from fedhet.errors import FedhetError
 from fedhet.model.base import base_model_reference
 from fedhet.model.lora import AdapterState, save_adapter, select_layers, state_bytes
 from fedhet.protocol import ClientInfo, ClientUpdate, GroupResult
 from fedhet.reports.summary import write_outputs
-from fedhet.runtime.checkpoint import load_latest, save_checkpoint
+from fedhet.runtime.checkpoint import load_latest, save_checkpoint, truncate_rows
 from fedhet.runtime.executor import ClientRun, Executor, round_event, stage_event
-from fedhet.runtime.progress import RunProgress, RunResult, brief, mean_loss, pace, progress_bar
+from fedhet.runtime.progress import RunProgress, RunResult, brief, pace, progress_bar
 from fedhet.runtime.validation import validate_update
 from fedhet.strategies.base import Strategy
 
@@ -93,6 +96,7 @@ class Driver:
         self.global_state: AdapterState = {}
         self.infos: dict[int, ClientInfo] = {}
         self.total: int | None = None  # rounds or arrivals of the run (the log's ETA)
+        self.regime = cfg.federation.regime or strategy.regime  # async (module docstring)
         self._wall_start = time.perf_counter()
 
     # ------------------------------------------------------------------ run
@@ -163,22 +167,15 @@ class Driver:
                 p.updates_applied += len(updates)
             for r in runs:
                 p.bytes_up += r.bytes_up
-                p.busy_time += min(r.duration, round_time)
-                p.idle_time += max(0.0, round_time - r.duration)
+            self._account(runs, round_time)
             p.clock += round_time
             p.step = rnd
-            row = {
-                "step": rnd,
-                "round": rnd,
-                "clients": len(updates),
-                "train_loss": mean_loss(updates),
-                "round_time": round_time,
-                "overhead_s": time.perf_counter() - t0 - train_s,
-                "train_s": train_s,
-                "faults": faults,
-                "rejections": rejections,
-            }
-            self._end_step(row, rnd == rounds, advance)
+            losses = [u.metrics["train_loss"] for u in updates]
+            row = self._round_row(len(updates), losses, round_time, t0, train_s)
+            row |= {"faults": faults, "rejections": rejections}
+            row["update_span"] = [runs[0].duration, runs[-1].duration] if runs else None
+            if self._end_step(row, advance):
+                break
 
     def _execute(
         self, jobs: list[tuple[Any, int]], *, deadline: float | None = None
@@ -199,7 +196,8 @@ class Driver:
         if p.step == 0 and not self.executor.in_flight():
             online = np.array(self.executor.online(0), dtype=int)
             rng = np.random.default_rng([self.cfg.seed, 19, 0])
-            first = rng.choice(online, min(fed.concurrency, len(online)), replace=False)
+            n = len(online) if self.regime == "full" else min(fed.concurrency, len(online))
+            first = rng.choice(online, n, replace=False)
             self._dispatch(sorted(int(c) for c in first))  # together: one lockstep group
         while p.step < max_arrivals and self.executor.in_flight():
             t0 = time.perf_counter()
@@ -211,6 +209,7 @@ class Driver:
             p.step += 1
             p.busy_time += run.duration
             row: dict[str, Any] = {"step": p.step, "arrival": p.step, "client": cid}
+            row["update_span"] = [run.duration, run.duration]
             row["faults"] = {str(cid): run.fault} if run.fault else {}
             row["rejections"] = {}
             if arrival.lost or not run.arrived:
@@ -221,14 +220,14 @@ class Driver:
                     self.global_state, arrived = self.apply_arrival(self.global_state, run.update)
                     row |= arrived
             row["version"] = p.version
-            last = p.step == max_arrivals
-            if not last:
+            if self._budget_stop() is None:
                 dispatched = time.perf_counter()
                 row["dispatched"], row["idle"] = self._redispatch(cid)
                 waited += time.perf_counter() - dispatched
             row["train_s"] = waited
             row["overhead_s"] = time.perf_counter() - t0 - waited
-            self._end_step(row, last, advance)
+            if self._end_step(row, advance):
+                break
 
     def apply_arrival(
         self, state: AdapterState, update: ClientUpdate
@@ -277,8 +276,7 @@ class Driver:
         client dispatched and its idle time."""
         p = self.progress
         online = self.executor.online(p.dispatches + 1)
-        restart = self.cfg.federation.restart == "same" or self.strategy.restart_same_client
-        if restart and arrived in online:
+        if self.regime == "full" and arrived in online:
             return arrived, self._dispatch([arrived])
         p.last_finish.pop(arrived, None)  # released: free, not idle
         busy = self.executor.in_flight()
@@ -289,12 +287,6 @@ class Driver:
 
     # -------------------------------------------------------- hierarchical
     def _run_hier(self, rounds: int, advance) -> None:
-        fed = self.cfg.federation
-        if fed.over_selection or fed.deadline_s is not None:
-            raise FedhetError(
-                "federation.over_selection / federation.deadline_s: not supported by the "
-                f"hierarchical strategy {self.strategy.name!r}"
-            )
         p, strategy = self.progress, self.strategy
         cost = self.executor.planner_costs()
         for rnd in range(p.step + 1, rounds + 1):
@@ -334,21 +326,15 @@ class Driver:
                             r.update.metrics["duration"] = r.duration
                             accepted.append(r.update)
                     stage_time = max((r.duration for r in runs), default=0.0)
-                    for r in runs:
-                        p.busy_time += r.duration
-                        p.idle_time += stage_time - r.duration
+                    self._account(runs, stage_time)
                     group_state = strategy.aggregate_group(plan, stage, group_state, accepted)
                     contributors |= {u.client_id for u in accepted}
                     losses += [u.metrics["train_loss"] for u in accepted]
                     applied += len(accepted)
                     elapsed += stage_time
-                    stages.append(
-                        {
-                            "members": [r.client_id for r in runs],
-                            "steps": [int(r.update.metrics["steps"]) for r in runs if r.update],
-                            "time": stage_time,
-                        }
-                    )
+                    steps = [int(r.update.metrics["steps"]) for r in runs if r.update]
+                    members = [r.client_id for r in runs]
+                    stages.append({"members": members, "steps": steps, "time": stage_time})
                 if contributors:
                     upload = select_layers(group_state, plan.layers)
                     p.group_bytes_up += state_bytes(upload)
@@ -357,13 +343,9 @@ class Driver:
                     results.append(GroupResult(plan.group, upload, size, list(plan.layers)))
                 times[plan.group] = elapsed
                 groups[str(plan.group)] = {
-                    "tau": plan.tau,
-                    "depth": plan.depth,
-                    "stages": plan.stages,
-                    "members": list(plan.members),
-                    "planned_time": plan.planned_time,
-                    "time": elapsed,
-                    "stage_log": stages,
+                    **{"tau": plan.tau, "depth": plan.depth, "stages": plan.stages},
+                    **{"members": list(plan.members), "planned_time": plan.planned_time},
+                    **{"time": elapsed, "stage_log": stages},
                 }
             round_time = max(times.values(), default=0.0)
             for g, elapsed in times.items():
@@ -375,23 +357,34 @@ class Driver:
             p.clock += round_time
             p.step = rnd
             ran = {c for g in groups.values() for s in g["stage_log"] for c in s["members"]}
-            row = {
-                "step": rnd,
-                "round": rnd,
-                "clients": len(ran),
-                "train_loss": float(np.mean(losses)) if losses else None,
-                "round_time": round_time,
-                "overhead_s": time.perf_counter() - t0 - train_s,
-                "train_s": train_s,
-                "group_bytes_up": p.group_bytes_up,
-                "group_bytes_down": p.group_bytes_down,
-                "groups": groups,
-                "faults": faults,
-                "rejections": rejections,
-            }
-            self._end_step(row, rnd == rounds, advance)
+            row = self._round_row(len(ran), losses, round_time, t0, train_s)
+            row |= {"group_bytes_up": p.group_bytes_up, "group_bytes_down": p.group_bytes_down}
+            row |= {"groups": groups, "faults": faults, "rejections": rejections}
+            if self._end_step(row, advance):
+                break
 
     # ----------------------------------------------------------- each step
+    def _account(self, runs: list[ClientRun], span: float) -> None:
+        """Busy and idle time of clients that ran within a span of ``span`` seconds."""
+        for r in runs:
+            self.progress.busy_time += min(r.duration, span)
+            self.progress.idle_time += max(0.0, span - r.duration)
+
+    def _round_row(
+        self, clients: int, losses: list[float], round_time: float, t0: float, train_s: float
+    ) -> dict[str, Any]:
+        """The common fields of a sync or hierarchical round's row."""
+        step = self.progress.step
+        return {
+            "step": step,
+            "round": step,
+            "clients": clients,
+            "train_loss": float(np.mean(losses)) if losses else None,
+            "round_time": round_time,
+            "overhead_s": time.perf_counter() - t0 - train_s,
+            "train_s": train_s,
+        }
+
     def _accept(self, run: ClientRun, rejections: dict[str, str]) -> bool:
         """Validate an arrived update (:mod:`fedhet.runtime.validation`); a
         rejected one is counted and its reason recorded under its client id."""
@@ -409,16 +402,30 @@ class Driver:
             self.log.warning("rejected the update of client %d: %s", run.client_id, reason)
         return reason is None
 
-    def _end_step(self, row: dict[str, Any], last: bool, advance) -> None:
+    def _budget_stop(self) -> str | None:
+        """``budget`` when the run's rounds or arrivals are spent, ``time`` when the
+        clock reached ``federation.max_virtual_time``, else None."""
+        limit, p = self.cfg.federation.max_virtual_time, self.progress
+        if p.step >= (self.total or 0):
+            return "budget"
+        return "time" if limit is not None and p.clock >= limit else None
+
+    def _end_step(self, row: dict[str, Any], advance) -> bool:
         """Close a round or arrival: evaluate when due, log the row, checkpoint
-        when due, advance the progress bar."""
-        step = self.progress.step
-        if step % self.cfg.eval.every == 0 or last:
-            row = self.evaluate_row(row, final=last)
+        when due, advance the progress bar; returns whether the run ends here."""
+        step, stop = self.progress.step, self._budget_stop()
+        if step % self.cfg.eval.every == 0 or stop:
+            row = self.evaluate_row(row, final=stop is not None)
+        reached = self.progress.time_to_target is not None
+        if stop is None and self.cfg.eval.stop_at_target and reached:
+            stop = "target"
+        if stop:
+            row["stopped"] = stop
         self.log_row(row)
-        if self.executor.resumable and (step % self.cfg.federation.checkpoint_every == 0 or last):
+        if self.executor.resumable and (step % self.cfg.federation.checkpoint_every == 0 or stop):
             self.checkpoint()
         advance(step)
+        return stop is not None
 
     def evaluate_row(self, row: dict[str, Any], *, final: bool = False) -> dict[str, Any]:
         """``row`` with the executor's evaluation of the global state (``final``:
@@ -427,11 +434,8 @@ class Driver:
         t0 = time.perf_counter()
         row |= self.executor.evaluate(self.strategy, self.global_state, final=final)
         row["eval_s"] = time.perf_counter() - t0
-        key = result_key(self.cfg.eval.metric)
-        target, value = self.cfg.eval.target, row.get(f"global_{key}")
-        reached = value is not None and target is not None and (
-            value <= target if key == "loss" else value >= target
-        )
+        key = self.cfg.eval.primary or result_key(self.cfg.eval.metric)
+        reached = reaches(key, row.get(f"global_{key}"), self.cfg.eval.target)
         if reached and self.progress.time_to_target is None:
             self.progress.time_to_target = self.progress.clock
         return row
@@ -483,11 +487,7 @@ class Driver:
         self.strategy.initialize(dict(init_state), infos)
         self.strategy.load_state_dict(payload["strategy"])
         self.executor.load_state_dict(payload["executor"])
-        path = self.run_dir / "metrics.jsonl"
-        text = path.read_text() if path.exists() else ""
-        lines = text.splitlines()[: self.progress.metrics_lines]
-        path.write_text("".join(line + "\n" for line in lines))
-        self.metrics = [json.loads(line) for line in lines]
+        self.metrics = truncate_rows(self.run_dir / "metrics.jsonl", self.progress.metrics_lines)
         return True
 
     # -------------------------------------------------------------- outputs

@@ -14,12 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from fedhet.config import ExperimentConfig
 from fedhet.model.lora import AdapterState
-from fedhet.protocol import ClientUpdate
 
 
 @dataclass
@@ -79,13 +77,6 @@ def progress_bar(
     with bar:
         task = bar.add_task("run", total=total)
         yield lambda done: bar.update(task, completed=done)
-
-
-def mean_loss(updates: list[ClientUpdate]) -> float | None:
-    """The mean training loss of the updates (None without any)."""
-    if not updates:
-        return None
-    return float(np.mean([u.metrics["train_loss"] for u in updates]))
 
 
 def brief(row: dict[str, Any]) -> str:

@@ -58,14 +58,16 @@ class Strategy(ABC):
     (async) or the four hierarchical hooks (hier). ``keeps_local_state`` tells
     the runtime that clients keep their own tensors between participations
     (personalised or local layers).
-    ``restart_same_client`` (async; a strategy may make it a parameter) makes the
-    runtime re-dispatch an arriving client at once instead of a random idle one.
+    ``regime`` (async) is the strategy's default dispatch regime, PROTOCOL v2's
+    ``full`` (every client in flight, an arrival restarts the same client) or
+    ``bounded`` (``concurrency`` in flight, a freed slot goes to a random idle
+    client); ``federation.regime`` overrides it.
     """
 
     name: ClassVar[str]
     mode: ClassVar[Literal["sync", "async", "hier"]] = "sync"
     keeps_local_state: ClassVar[bool] = False
-    restart_same_client: bool = False
+    regime: ClassVar[Literal["full", "bounded"]] = "bounded"
 
     def initialize(self, state: AdapterState, clients: list[ClientInfo]) -> AdapterState:
         """Called once before training with the initial global adapter and the

@@ -12,7 +12,7 @@ a = 0.5. Every arrival is applied (the global version moves each time).
 Choices the paper leaves open: the mixing is done in float32 and cast back to
 the global tensor's dtype; the update is not weighted by the client's data
 size (the paper mixes one model at a time); who is dispatched after an
-arrival is the runtime's ``federation.restart``.
+arrival is the runtime's ``federation.regime`` (default ``bounded``).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ None and the global version does not move).
 Choices the paper leaves open: updates are averaged with equal weights (not
 by data size), as in the paper's buffer mean; the buffer and momentum are kept
 in float32 and the result cast to the global dtype; clients are never held
-back waiting for a flush (they restart per ``federation.restart``, from the
+back waiting for a flush (they restart per ``federation.regime``, from the
 current global model). The buffer, its count and the momentum are server
 state, saved by :meth:`state_dict`.
 """

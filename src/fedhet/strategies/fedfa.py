@@ -10,14 +10,14 @@ and, with weights w_i = n_i · s(τ_i),
 * delta variant (``variant="delta"``, clients send Δ_k = x_k − x_start):
   x ← x + η · Σ_{i∈W} w_i Δ_i / Σ_{i∈W} w_i.
 
-The arriving client restarts at once from the new global model
-(``restart_same_client``; the simulator starts another online client instead
-when it has gone offline), so no client ever waits for another. With fewer
-clients in flight than clients (``federation.concurrency`` < N) that rule trains
-only the clients dispatched first, and replacements for those that go offline;
-``restart_same_client=False`` is the ablation that hands the freed slot to a
-random idle online client instead (``federation.restart``), as FedAsync and
-FedBuff do. Warm start:
+FedFa's default regime is PROTOCOL v2's ``full`` (``regime``), the paper's fully
+asynchronous training: every client is in flight and an arriving client restarts
+at once from the new global model (the runtime starts another online client
+instead when it has gone offline), so no client ever waits for another.
+``federation.regime: bounded`` is the ablation with ``concurrency`` clients in
+flight, a freed slot going to a random idle client, as in FedBuff's paper; there
+a few fast clients can fill the window, which is why experiment tables report
+how many clients delivered and the busiest one's share. Warm start:
 until K uploads have arrived the window averages what it holds. Defaults:
 K = 5, model variant, no staleness weighting (``staleness="constant"``; the
 functions of :mod:`fedhet.strategies.staleness` are the option).
@@ -58,6 +58,7 @@ class FedFa(Strategy):
 
     name = "fedfa"
     mode = "async"
+    regime = "full"
 
     def __init__(
         self,
@@ -67,7 +68,6 @@ class FedFa(Strategy):
         staleness: StalenessKind = "constant",
         a: float = 0.5,
         b: float = 4.0,
-        restart_same_client: bool = True,
     ) -> None:
         if window < 1:
             raise ValueError(f"fedfa: window must be ≥ 1, got {window}")
@@ -76,7 +76,6 @@ class FedFa(Strategy):
         if server_lr is not None and (variant != "delta" or server_lr <= 0):
             raise ValueError("fedfa: server_lr applies to the delta variant and must be > 0")
         self.window = window
-        self.restart_same_client = restart_same_client
         self.variant = variant
         self.send: Literal["state", "delta"] = "state" if variant == "model" else "delta"
         self.server_lr = 2 / (window + 1) if server_lr is None else server_lr

@@ -1,0 +1,98 @@
+"""What every ``benchmarks/exp_*.py`` shares: its command-line options and the
+run → table → RESULTS.md section sequence.
+
+    --size S | --config FILE   the scenario (``configs/<scenario>-<S>.yaml``)
+    --set KEY=VALUE            overrides for every arm (repeatable)
+    --seeds 0 1 2              seeds (default: PROTOCOL v2's 0, 1, 2)
+    --jobs N                   worker processes, one thread each (default 1)
+    --budget protocol|equal    PROTOCOL v2's chase budget, or every arm the config's
+    --table-only               run nothing: the table of the finished runs on disk
+    --out FILE                 write the section here instead of benchmarks/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from fedhet.experiments.runner import Arm, Experiment, Results, load_results, run_experiment
+from fedhet.experiments.tables import Claim, Column, plot, report
+from fedhet.reports.results import RESULTS, write_section
+
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+
+
+def parser(description: str, scenario: str, default_size: str = "cpu") -> argparse.ArgumentParser:
+    """The shared options (module docstring); ``scenario`` names the config family."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--size", choices=("smoke", "cpu", "gpu"), default=default_size)
+    ap.add_argument("--config", type=Path, default=None, help=f"default: {scenario}-<size>.yaml")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--budget", choices=("protocol", "equal"), default="protocol")
+    ap.add_argument("--out", type=Path, default=None, help="write here instead of RESULTS.md")
+    ap.set_defaults(scenario=scenario)
+    return ap
+
+
+def config_path(args: argparse.Namespace) -> Path:
+    return args.config or CONFIGS / f"{args.scenario}-{args.size}.yaml"
+
+
+def experiment(
+    args: argparse.Namespace,
+    name: str,
+    arms: list[Arm],
+    baseline: str,
+    overrides: Sequence[str] = (),
+) -> Experiment:
+    """The experiment ``<name>-<config stem>`` of ``arms`` with the shared options
+    (seeds, ``--set`` overrides then ``overrides``, budget, data folder, and
+    ``--central`` where the script offers it)."""
+    config = config_path(args)
+    return Experiment(
+        key=f"{name}-{config.stem}",
+        config=config,
+        arms=arms,
+        seeds=args.seeds,
+        overrides=[*args.overrides, *overrides],
+        baseline=baseline,
+        budget=args.budget,
+        central=getattr(args, "central", False),
+        data_dir=args.data_dir,
+    )
+
+
+def run(exp: Experiment, args: argparse.Namespace) -> Results:
+    """Run (or, with ``--table-only``, load) the experiment's runs; exits when none
+    has finished."""
+    results = load_results(exp) if args.table_only else run_experiment(exp, jobs=args.jobs)
+    if not any(results.runs.values()):
+        raise SystemExit(f"{exp.key}: no finished runs under {exp.config}'s output_dir")
+    return results
+
+
+def publish(
+    results: Results,
+    args: argparse.Namespace,
+    title: str,
+    columns: Sequence[Column],
+    claims: Sequence[Claim] = (),
+    notes: Sequence[str] = (),
+    plot_key: str | None = None,
+    extra: Callable[[Results], list[str]] | None = None,
+) -> Path:
+    """Write the experiment's section (named after its key) with its plot."""
+    exp = results.experiment
+    where = (args.out or RESULTS).parent
+    figure = None
+    if any(results.runs.values()):
+        figure = plot(results, where / f"{exp.key}.png", plot_key)
+    body = report(results, columns, claims, [*notes, *(extra(results) if extra else [])], figure)
+    path = write_section(exp.key, title, body, args.out)
+    print(path)
+    return path

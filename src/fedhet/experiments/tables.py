@@ -1,0 +1,290 @@
+"""One table writer for every experiment: mean ± 95 % CI over seeds, paired
+comparisons with the baseline, verdicts on claims, and the plot of the primary
+figure against virtual time (PROTOCOL v2, "Every results table states").
+
+A column is a :class:`Column`: a label and a function of one run (one seed)
+giving a number; the cell is the mean ± the 95 % t half-width over the seeds
+(:mod:`fedhet.experiments.stats`), ``(k/n)`` when only k of n seeds have a value.
+A paired column compares each seed's value with the reference arm's on the
+same seed (ratio or difference) before averaging. Scripts add their own
+columns to :func:`standard_columns`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedhet.experiments.runner import Results, Run
+from fedhet.experiments.stats import MAX_SEEDS, Interval, Kind, Side, interval, paired, verdict
+
+Value = Callable[[Run], float | None]
+
+
+@dataclass(frozen=True)
+class Column:
+    """A table column (module docstring). ``paired``: compare with the baseline arm
+    per seed first (``ratio``: baseline / arm, ``relative``: arm / baseline,
+    ``difference``: arm − baseline)."""
+
+    label: str
+    value: Value
+    fmt: str = ".3g"
+    paired: Kind | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """"``arm`` ``side`` ``threshold``" on a paired comparison with ``versus`` (the
+    baseline when None): e.g. a speed-up ratio of times to target ≥ 6."""
+
+    text: str
+    arm: str
+    value: Value
+    kind: Kind
+    threshold: float
+    side: Side
+    versus: str | None = None
+
+
+def cell(est: Interval | None, fmt: str, total: int) -> str:
+    """``mean ± half-width`` (one seed: the value alone), ``(k/n)`` when seeds miss."""
+    if est is None:
+        return "—"
+    text = format(est.mean, fmt)
+    if est.half_width is not None:
+        text += " ± " + format(est.half_width, fmt.lstrip("+"))
+    if est.n < total:
+        text += f" ({est.n}/{total})"
+    return text
+
+
+def time_to_target(results: Results) -> Value:
+    """A run's virtual time to its seed's loss target (None: not reached)."""
+    refs = results.references
+    return lambda run: run.time_to(refs[run.seed].target) if run.seed in refs else None
+
+
+def final(key: str, scale: float = 1.0) -> Value:
+    """The last evaluated ``global_<key>`` of a run (× ``scale``)."""
+
+    def value(run: Run) -> float | None:
+        rows = run.evaluated(key)
+        return rows[-1][f"global_{key}"] * scale if rows else None
+
+    return value
+
+
+def summary(key: str, scale: float = 1.0) -> Value:
+    return lambda run: None if run.summary.get(key) is None else run.summary[key] * scale
+
+
+def delivering(run: Run) -> float | None:
+    """Distinct clients whose asynchronous updates arrived (None for round-based runs)."""
+    senders = Counter(r["client"] for r in run.rows if "staleness" in r)
+    return float(len(senders)) if senders else None
+
+
+def busiest_share(run: Run) -> float | None:
+    """Percentage of the delivered asynchronous updates sent by the busiest client."""
+    senders = Counter(r["client"] for r in run.rows if "staleness" in r)
+    return 100 * max(senders.values()) / senders.total() if senders else None
+
+
+def duration_span(run: Run) -> tuple[float, float] | None:
+    """Shortest and longest client update (virtual s) logged in the run's rows."""
+    spans = [r["update_span"] for r in run.rows if r.get("update_span")]
+    if not spans:
+        return None
+    return min(s[0] for s in spans), max(s[1] for s in spans)
+
+
+def standard_columns(results: Results) -> list[Column]:
+    """PROTOCOL v2's columns: time to the loss target and speed-up, final primary and
+    secondary figures with their paired differences, local figure, bytes, updates,
+    idle fraction, clients delivering and the busiest one's share, wall time."""
+    first = next(iter(r for runs in results.runs.values() for r in runs.values()))
+    primary, metric = first.primary, first.summary["metric"]
+    points = 100.0 if metric == "accuracy" else 1.0
+    unit = " [points]" if points == 100 else ""
+    ttt = time_to_target(results)
+    scale = points if primary == metric else 1.0
+    figures = [
+        Column(f"final {primary}", final(primary, scale), ".4f"),
+        Column(f"Δ {primary} vs baseline", final(primary, scale), "+.4f", paired="difference"),
+    ]
+    if primary != metric:
+        figures += [
+            Column(f"final {metric}{unit}", final(metric, points), ".1f"),
+            Column(f"Δ {metric} vs baseline{unit}", final(metric, points), "+.1f", "difference"),
+        ]
+    return [
+        Column("updates applied", summary("updates_applied"), ".0f"),
+        Column("time to target [virtual s]", ttt, ".3g"),
+        Column("speed-up vs baseline", ttt, ".2f", paired="ratio"),
+        *figures,
+        Column(f"final local {metric}{unit} (mean)", summary("final_local_mean", points), ".1f"),
+        Column("local spread (std)", summary("final_local_std", points), ".1f"),
+        Column("MB up", summary("bytes_up", 1e-6), ".1f"),
+        Column("MB down", summary("bytes_down", 1e-6), ".1f"),
+        Column("idle fraction", summary("idle_fraction"), ".2f"),
+        Column("clients delivering", delivering, ".0f"),
+        Column("busiest client [%]", busiest_share, ".0f"),
+        Column("wall [s]", summary("wall_time"), ".0f"),
+    ]
+
+
+def estimate(results: Results, arm: str, col: Column, versus: str | None = None) -> Interval | None:
+    """The interval of a column for one arm (paired with ``versus``/the baseline)."""
+    values = results.values(arm, col.value)
+    if col.paired:
+        reference = results.values(versus or results.experiment.baseline, col.value)
+        values = paired(values, reference, col.paired)
+    return interval(values)
+
+
+def table(results: Results, columns: Sequence[Column]) -> list[str]:
+    """The markdown table: one row per arm, one column per :class:`Column`, plus how
+    each arm's runs stopped and the measured span of update durations."""
+    seeds = len(results.experiment.seeds)
+    head = ["method", *(c.label for c in columns), "stopped by", "update durations [s]"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for arm in results.experiment.arms:
+        runs = list(results.runs[arm.name].values())
+        if not runs:
+            lines.append(f"| {arm.name} | " + " | ".join(["not run"] * (len(head) - 1)) + " |")
+            continue
+        cells = [cell(estimate(results, arm.name, c), c.fmt, seeds) for c in columns]
+        stops = Counter(r.summary.get("stopped", "budget") for r in runs)
+        spans = [s for s in map(duration_span, runs) if s]
+        span = f"{min(s[0] for s in spans):.2g}–{max(s[1] for s in spans):.2g}" if spans else "—"
+        stopped = ", ".join(f"{k} {v}" for k, v in sorted(stops.items()))
+        lines.append(f"| {arm.name} | " + " | ".join([*cells, stopped, span]) + " |")
+    return lines
+
+
+def verdict_lines(results: Results, claims: Sequence[Claim]) -> list[str]:
+    """One line per claim: the paired estimate with its CI and the verdict."""
+    lines = []
+    for claim in claims:
+        col = Column(claim.text, claim.value, ".3g", paired=claim.kind)
+        est = estimate(results, claim.arm, col, claim.versus)
+        word, needed = verdict(est, claim.threshold, claim.side)
+        seeds = len(results.experiment.seeds)
+        text = f"- {claim.text}: {cell(est, '.3g', seeds)} (claim {claim.side} {claim.threshold:g})"
+        if est is None:
+            text += " — no paired value (target not reached or run missing): **inconclusive**"
+        else:
+            text += f" — **{word}**"
+            if word == "inconclusive" and est.n < 2:
+                text += f"; {est.n} seed with a value: no interval"
+            elif word == "inconclusive":
+                text += (
+                    f"; about {needed} seeds would decide it at this spread"
+                    if needed
+                    else f"; no number of seeds up to {MAX_SEEDS} would at this spread"
+                )
+        lines.append(text)
+    return lines
+
+
+def reference_lines(results: Results) -> list[str]:
+    """Each seed's reference points (PROTOCOL v2)."""
+    lines = []
+    for seed, ref in sorted(results.references.items()):
+        text = (
+            f"- seed {seed}: base {ref.base:.4f}, baseline final {ref.baseline_final:.4f} "
+            f"→ target {ref.target:.4f}; baseline virtual time T = {ref.baseline_time:.4g} s"
+        )
+        if ref.central is not None:
+            text += f"; central {ref.central:.4f} → v1 target {ref.v1_target:.4f}"
+        lines.append(text)
+    return lines
+
+
+def plot(results: Results, path: Path, key: str | None = None) -> Path:
+    """The primary figure (or ``key``) vs virtual time: per arm the mean over seeds
+    (each seed's curve held constant between its evaluations, the mean drawn up to
+    the shortest seed's last evaluation) with the seeds' min–max range shaded, and
+    the targets of the seeds as a dotted band."""
+    import matplotlib.pyplot as plt
+
+    from fedhet.reports.plots import STYLES, save_figure
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, arm in enumerate(results.experiment.arms):
+        runs = list(results.runs[arm.name].values())
+        if not runs:
+            continue
+        name = key or runs[0].primary
+        curves = []
+        for run in runs:
+            rows = run.evaluated(name)
+            curves.append(
+                (np.array([r.get("virtual_time", 0.0) for r in rows]),
+                 np.array([r[f"global_{name}"] for r in rows]))
+            )
+        end = min(t[-1] for t, _ in curves)
+        grid = np.unique(np.concatenate([t[t <= end] for t, _ in curves]))
+        ys = np.array([v[np.searchsorted(t, grid, side="right") - 1] for t, v in curves])
+        style = STYLES[i % len(STYLES)]
+        ax.plot(grid, ys.mean(0), label=f"{arm.name} ({len(runs)} seeds)", drawstyle="steps-post",
+                markersize=3, **style)
+        if len(runs) > 1:
+            ax.fill_between(grid, ys.min(0), ys.max(0), step="post", alpha=0.15)
+    targets = [r.target for r in results.references.values()]
+    if targets:
+        ax.axhspan(min(targets), max(targets) + 1e-9, color="grey", alpha=0.3, label="target")
+    ax.set_xlabel("virtual time [s]")
+    ax.set_ylabel(f"global {key or 'primary figure'}")
+    ax.set_title(results.experiment.key)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def report(
+    results: Results,
+    columns: Sequence[Column],
+    claims: Sequence[Claim] = (),
+    notes: Sequence[str] = (),
+    figure: Path | None = None,
+) -> str:
+    """The body of an experiment's RESULTS.md section: scenario, budget, wall time,
+    references, the table, the verdicts, the notes and the figure's link."""
+    exp = results.experiment
+    budget = (
+        "PROTOCOL v2: the baseline's budget as configured; every other arm until the "
+        "target, the baseline's virtual time T or 4× its client updates"
+        if exp.budget == "protocol"
+        else "every arm the configured budget"
+    )
+    lines = [
+        f"- scenario: `{exp.config}`" + (f" with `{' '.join(exp.overrides)}`" if exp.overrides
+                                          else ""),
+        f"- seeds: {', '.join(map(str, exp.seeds))}; baseline: {exp.baseline}; budget: {budget}",
+        f"- wall time of this invocation: {results.wall_time:.0f} s (finished runs reused)",
+        "- arms: " + "; ".join(
+            f"{a.name} = `{' '.join(a.overrides) or 'scenario as configured'}`" for a in exp.arms
+        ),
+        "",
+        "Reference points (primary figure):",
+        "",
+        *reference_lines(results),
+        "",
+        *table(results, columns),
+        "",
+        "Cells: mean ± 95 % t half-width over seeds; (k/n): only k of n seeds have a value "
+        "(e.g. the target not reached). Paired columns compare each seed with the "
+        "baseline's run on the same seed first.",
+    ]
+    if claims:
+        lines += ["", "Verdicts (PROTOCOL v2):", "", *verdict_lines(results, claims)]
+    if notes:
+        lines += ["", *notes]
+    if figure is not None:
+        lines += ["", f"![primary figure vs virtual time]({figure.name})"]
+    return "\n".join(lines)

@@ -1,0 +1,128 @@
+"""The experiment runner and its statistics (PROTOCOL v2): intervals, paired
+comparisons and verdicts on made-up per-seed numbers; the runner's budgets,
+reference points, reuse and table on the smoke scenario."""
+
+import math
+from pathlib import Path
+
+import pytest
+
+from fedhet.client.evaluate import _option_cross_entropy  # noqa: PLC2701 (unit under test)
+from fedhet.experiments import runner as runner_module
+from fedhet.experiments.runner import Arm, Experiment, load_results, run_experiment
+from fedhet.experiments.stats import interval, paired, seeds_needed, verdict
+from fedhet.experiments.tables import Claim, report, standard_columns, time_to_target
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_interval_is_the_t_interval_by_hand():
+    est = interval([1.0, 2.0, 3.0])
+    # mean 2, s = 1, t_{0.975, 2} = 4.302653 → half-width 4.302653 / √3
+    assert est.mean == 2.0 and est.std == pytest.approx(1.0)
+    assert est.half_width == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    one = interval([5.0, None])
+    assert one.mean == 5.0 and one.low is None and one.n == 1
+    assert interval([None, None]) is None
+
+
+def test_paired_ratios_shares_and_differences():
+    arm, base = [2.0, 4.0, None, 0.0], [6.0, 4.0, 1.0, 3.0]
+    assert paired(arm, base, "ratio") == [3.0, 1.0, None, None]  # base / arm; arm 0: none
+    assert paired(arm, base, "relative") == [pytest.approx(1 / 3), 1.0, None, 0.0]
+    assert paired(arm, base, "difference") == [-4.0, 0.0, None, -3.0]
+
+
+def test_verdicts_and_the_seeds_that_would_decide():
+    est = interval([2.0, 2.2, 1.8])  # mean 2, s = 0.2, half-width 0.497
+    assert verdict(est, 1.0, ">=") == ("confirmed", None)
+    assert verdict(est, 3.0, ">=") == ("refuted", None)
+    assert verdict(est, 3.0, "<=") == ("confirmed", None)
+    assert verdict(est, 1.0, "<=") == ("refuted", None)
+    word, needed = verdict(est, 1.8, ">=")
+    # smallest n with t_{0.975, n−1} · 0.2 / √n < 0.2: n = 6 gives 1.05, n = 7 gives 0.925
+    assert word == "inconclusive" and needed == 7
+    assert seeds_needed(est, 2.0) is None  # the mean on the threshold: no n decides it
+    assert verdict(interval([2.0]), 1.0, ">=")[0] == "inconclusive"  # one seed: no interval
+
+
+def test_option_cross_entropy():
+    # −log of the gold option's probability normalised over the options
+    scores = [(1.0, 1), (2.0, 3)]
+    expected = -math.log(math.exp(-1.0) / (math.exp(-1.0) + math.exp(-2.0)))
+    assert _option_cross_entropy(scores, 0) == pytest.approx(expected)
+    assert _option_cross_entropy([(3.0, 1)] * 4, 2) == pytest.approx(math.log(4))
+
+
+@pytest.fixture
+def experiment(tmp_path):
+    return Experiment(
+        key="exp_test",
+        config=REPO / "configs" / "s-cls-smoke.yaml",
+        arms=[
+            Arm("fedit", ("strategy.name=fedit",)),
+            Arm("fedasync", ("strategy.name=fedasync", "federation.regime=bounded")),
+        ],
+        seeds=[0, 1],
+        overrides=[f"output_dir={tmp_path}", "eval.local_clients=0", "eval.global_size=8"],
+        baseline="fedit",
+    )
+
+
+def test_runner_budgets_references_reuse_and_table(experiment, monkeypatch):
+    results = run_experiment(experiment, log=lambda _: None)
+    for seed in experiment.seeds:
+        base, chaser = results.runs["fedit"][seed], results.runs["fedasync"][seed]
+        ref = results.references[seed]
+        # the seed draws the partition too; both arms share it
+        assert base.cfg.data.seed == chaser.cfg.data.seed == seed
+        # FedIT-reach target: base − 0.9 · (base − mean of FedIT's last 3 evaluations)
+        values = [r["global_option_ce"] for r in base.evaluated()]
+        final = sum(values[1:][-3:]) / len(values[1:][-3:])
+        assert ref.target == pytest.approx(values[0] - 0.9 * (values[0] - final))
+        assert ref.baseline_time == base.rows[-1]["virtual_time"]
+        # the chase budget: 4× FedIT's updates, evaluated as often, T and the target
+        fed = chaser.cfg.federation
+        assert fed.max_arrivals == 4 * 4 * 3 and chaser.cfg.eval.every == 3
+        assert fed.max_virtual_time == pytest.approx(ref.baseline_time)
+        assert chaser.cfg.eval.stop_at_target and chaser.cfg.eval.target == ref.target
+        stop, last = chaser.summary["stopped"], chaser.rows[-1]
+        assert stop in {"target", "time", "budget"}
+        if stop == "target":
+            assert last["global_option_ce"] <= ref.target
+        elif stop == "time":
+            assert last["virtual_time"] >= ref.baseline_time
+        else:
+            assert last["step"] == fed.max_arrivals
+    # finished runs are reused: nothing runs the second time
+    monkeypatch.setattr(runner_module, "execute", lambda *a, **k: pytest.fail("ran again"))
+    again = run_experiment(experiment, log=lambda _: None)
+    assert again.references == results.references
+    assert load_results(experiment).references == results.references
+    ttt = time_to_target(results)
+    body = report(
+        results,
+        standard_columns(results),
+        [Claim("FedAsync sooner than FedIT", "fedasync", ttt, "ratio", 1.0, ">=")],
+    )
+    assert "| fedit |" in body and "| fedasync |" in body and " ± " in body
+    assert "FedAsync sooner than FedIT:" in body
+
+
+def test_driver_stops_at_the_virtual_time_limit_and_at_the_target(smoke_config):
+    from fedhet.runtime.sim import Simulation
+
+    full = Simulation(smoke_config("name=full", "federation.rounds=4")).run().metrics
+    limit = full[2]["virtual_time"]  # the end of round 2
+    cut = Simulation(
+        smoke_config("name=cut", "federation.rounds=4", f"federation.max_virtual_time={limit}")
+    ).run()
+    assert cut.metrics[-1]["step"] == 2 and cut.summary["stopped"] == "time"
+    target = full[1]["global_loss"]  # the loss after round 1
+    early = Simulation(
+        smoke_config(
+            "name=early", "federation.rounds=4", f"eval.target={target}", "eval.stop_at_target=true"
+        )
+    ).run()
+    assert early.summary["stopped"] == "target" and early.metrics[-1]["step"] <= 1
+    assert early.summary["time_to_target"] is not None
