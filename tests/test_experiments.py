@@ -70,7 +70,14 @@ def experiment(tmp_path):
 
 
 def test_runner_budgets_references_reuse_and_table(experiment, monkeypatch):
-    results = run_experiment(experiment, log=lambda _: None)
+    logged: list[str] = []
+    results = run_experiment(experiment, log=logged.append)
+    # the baseline on every seed first, then arm by arm
+    started = [line for line in logged if line.startswith("start:")]
+    assert started == [
+        "start: fedit seed 0", "start: fedit seed 1",
+        "start: fedasync seed 0", "start: fedasync seed 1",
+    ]
     for seed in experiment.seeds:
         base, chaser = results.runs["fedit"][seed], results.runs["fedasync"][seed]
         ref = results.references[seed]
@@ -126,3 +133,22 @@ def test_driver_stops_at_the_virtual_time_limit_and_at_the_target(smoke_config):
     ).run()
     assert early.summary["stopped"] == "target" and early.metrics[-1]["step"] <= 1
     assert early.summary["time_to_target"] is not None
+    assert "global_loss" in early.metrics[-1]  # it stops only on an evaluated step
+    # resuming a run that had stopped trains nothing more
+    again = Simulation(
+        smoke_config("name=cut", "federation.rounds=4", f"federation.max_virtual_time={limit}")
+    ).run(resume=True)
+    assert [r["step"] for r in again.metrics] == [r["step"] for r in cut.metrics]
+
+
+def test_an_async_run_stopped_at_the_target_dispatches_nothing_after_it(smoke_config):
+    from fedhet.runtime.sim import Simulation
+
+    flags = ("strategy.name=fedasync", "federation.max_arrivals=6", "eval.every=1")
+    full = Simulation(smoke_config("name=all", *flags)).run().metrics
+    target = full[2]["global_loss"]
+    rows = Simulation(
+        smoke_config("name=stop", *flags, f"eval.target={target}", "eval.stop_at_target=true")
+    ).run().metrics
+    assert rows[-1]["stopped"] == "target" and "dispatched" not in rows[-1]
+    assert all("dispatched" in r for r in rows[1:-1])

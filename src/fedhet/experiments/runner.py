@@ -27,8 +27,9 @@ the paired comparisons hold the partition fixed.
   rounds); the target is still derived from the baseline, for "time to target".
 
 **Reuse**: a run whose folder holds a ``summary.json`` and a saved config equal
-to the one it would run is not run again, so a stopped experiment resumes at
-its first unfinished run and seeds may be run by separate invocations.
+to the one it would run is not run again, and an unfinished one of the same
+config continues from its newest checkpoint, so a stopped experiment resumes
+where it stopped and seeds may be run by separate invocations.
 
 **Processes**: with ``jobs`` > 1 the runs go to that many worker processes
 (``spawn``), each single-threaded (``torch.set_num_threads(1)``), seeds side by
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -258,8 +260,20 @@ def execute(cfg_raw: dict[str, Any], simulation: type[Simulation], central: bool
         _FED_CACHE.clear()
         _FED_CACHE[key] = build_federated_data(cfg.data, data_dir=data_dir)
     sim = simulation(cfg, fed=_FED_CACHE[key])
-    result = sim.run_central(every_chunk=False) if central else sim.run()
-    return result.summary
+    if central:
+        return sim.run_central(every_chunk=False).summary
+    return sim.run(resume=interrupted(cfg)).summary
+
+
+def interrupted(cfg: ExperimentConfig) -> bool:
+    """Whether ``cfg``'s folder holds an unfinished run of exactly ``cfg`` (resumed
+    from its newest checkpoint); a folder holding another config's run is cleared."""
+    saved = cfg.run_dir / "config.yaml"
+    if saved.is_file() and load_config(saved).model_dump() == cfg.model_dump():
+        return True
+    if cfg.run_dir.exists():
+        shutil.rmtree(cfg.run_dir)
+    return False
 
 
 def run_experiment(
@@ -279,7 +293,7 @@ def run_experiment(
         if jobs > 1
         else None
     )
-    rank = {a.name: i for i, a in enumerate([exp.baseline_arm, *exp.arms])} | {CENTRAL: 0}
+    rank = {a.name: i + 1 for i, a in enumerate(exp.arms)} | {exp.baseline: 0, CENTRAL: 0}
     pending: dict[Future | None, tuple[str, int, ExperimentConfig]] = {}
     queue: list[tuple[Arm | None, int, ExperimentConfig]] = []
 
@@ -307,7 +321,7 @@ def run_experiment(
             enqueue(None, seed, central_config(exp, seed))
     try:
         while queue or pending:
-            while queue:
+            while queue and len(pending) < jobs:  # the pool holds no queue of its own
                 # arm by arm (the first arms get every seed first), seed by seed
                 queue.sort(key=lambda item: (rank[item[0].name if item[0] else CENTRAL], item[1]))
                 arm, seed, cfg = queue.pop(0)

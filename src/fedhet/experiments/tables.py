@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedhet.client.evaluate import LOWER_IS_BETTER
 from fedhet.experiments.runner import Results, Run
 from fedhet.experiments.stats import MAX_SEEDS, Interval, Kind, Side, interval, paired, verdict
 
@@ -175,9 +176,18 @@ def verdict_lines(results: Results, claims: Sequence[Claim]) -> list[str]:
         est = estimate(results, claim.arm, col, claim.versus)
         word, needed = verdict(est, claim.threshold, claim.side)
         seeds = len(results.experiment.seeds)
+        both = set(results.runs[claim.arm]) & set(results.runs[claim.versus or
+                                                              results.experiment.baseline])
         text = f"- {claim.text}: {cell(est, '.3g', seeds)} (claim {claim.side} {claim.threshold:g})"
         if est is None:
             text += " — no paired value (target not reached or run missing): **inconclusive**"
+        elif word == "confirmed" and est.n < len(both):
+            # a seed that ran both but has no paired value (e.g. never reached the target)
+            # may be the one that contradicts the claim: it is not left out silently
+            text += (
+                f" — **inconclusive**: {len(both) - est.n} of {len(both)} seeds run have no "
+                "paired value (target not reached)"
+            )
         else:
             text += f" — **{word}**"
             if word == "inconclusive" and est.n < 2:
@@ -202,6 +212,10 @@ def reference_lines(results: Results) -> list[str]:
         )
         if ref.central is not None:
             text += f"; central {ref.central:.4f} → v1 target {ref.v1_target:.4f}"
+        primary = results.runs[results.experiment.baseline][seed].primary
+        lower = primary in LOWER_IS_BETTER
+        if not (ref.baseline_final < ref.base if lower else ref.baseline_final > ref.base):
+            text += " — **the baseline did not improve on the base: mis-sized (PROTOCOL v2)**"
         lines.append(text)
     return lines
 

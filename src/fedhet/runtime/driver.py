@@ -23,12 +23,10 @@ order with staleness τ = version now − version at dispatch, each validated an
 handed to ``strategy.on_arrival`` (:meth:`Driver.apply_arrival`). A dispatch is
 lost with probability ``dropout`` (stream ``(seed, 23, dispatch)``). After every
 arrival but the last, one client is dispatched: in ``full`` the arriving one when
-it is online, else a random idle online client (stream ``(seed, 29, dispatch)``).
-
-Every loop ends at its budget (rounds or arrivals), at the first step whose
-clock reaches ``federation.max_virtual_time``, or, with ``eval.stop_at_target``,
-at the first evaluation that reaches ``eval.target``; the last row says which
-(``stopped``: ``budget``, ``time``, ``target``).
+online, else a random idle online client (stream ``(seed, 29, dispatch)``).
+Every loop ends at its budget (rounds or arrivals), at the first step whose clock
+reaches ``federation.max_virtual_time`` or, with ``eval.stop_at_target``, at the
+first evaluation reaching ``eval.target`` (last row: ``stopped``).
 
 Hierarchical round r (mode ``"hier"``): ``strategy.plan_round`` (online clients,
 ``executor.planner_costs()``) gives each group's members, τ_g, K_g stages and
@@ -112,11 +110,14 @@ class Driver:
         mode = self.strategy.mode
         fed = self.cfg.federation
         total = self.total = fed.max_arrivals if mode == "async" else fed.rounds
+        at_target = self.cfg.eval.stop_at_target and self.progress.time_to_target is not None
+        ended = restored and (self._budget_stop() is not None or at_target)
         loop = {"sync": self._run_sync, "async": self._run_async, "hier": self._run_hier}[mode]
         try:
             with progress_bar(self.cfg, total, show=self.show_progress) as advance:
                 advance(self.progress.step)
-                loop(total, advance)
+                if not ended:  # a resumed run may have met its stop already
+                    loop(total, advance)
         finally:
             self.executor.close()
         return self.finish()
@@ -220,13 +221,9 @@ class Driver:
                     self.global_state, arrived = self.apply_arrival(self.global_state, run.update)
                     row |= arrived
             row["version"] = p.version
-            if self._budget_stop() is None:
-                dispatched = time.perf_counter()
-                row["dispatched"], row["idle"] = self._redispatch(cid)
-                waited += time.perf_counter() - dispatched
             row["train_s"] = waited
             row["overhead_s"] = time.perf_counter() - t0 - waited
-            if self._end_step(row, advance):
+            if self._end_step(row, advance, redispatch=cid):
                 break
 
     def apply_arrival(
@@ -374,10 +371,9 @@ class Driver:
         self, clients: int, losses: list[float], round_time: float, t0: float, train_s: float
     ) -> dict[str, Any]:
         """The common fields of a sync or hierarchical round's row."""
-        step = self.progress.step
         return {
-            "step": step,
-            "round": step,
+            "step": self.progress.step,
+            "round": self.progress.step,
             "clients": clients,
             "train_loss": float(np.mean(losses)) if losses else None,
             "round_time": round_time,
@@ -406,19 +402,23 @@ class Driver:
         """``budget`` when the run's rounds or arrivals are spent, ``time`` when the
         clock reached ``federation.max_virtual_time``, else None."""
         limit, p = self.cfg.federation.max_virtual_time, self.progress
-        if p.step >= (self.total or 0):
-            return "budget"
-        return "time" if limit is not None and p.clock >= limit else None
+        timed_out = limit is not None and p.clock >= limit
+        return "budget" if p.step >= (self.total or 0) else ("time" if timed_out else None)
 
-    def _end_step(self, row: dict[str, Any], advance) -> bool:
-        """Close a round or arrival: evaluate when due, log the row, checkpoint
-        when due, advance the progress bar; returns whether the run ends here."""
+    def _end_step(self, row: dict[str, Any], advance, redispatch: int | None = None) -> bool:
+        """Close a round or arrival: evaluate when due, dispatch the next client
+        (async: ``redispatch`` is the arrived one) unless the run ends here, log the
+        row, checkpoint when due, advance the progress bar; returns whether it ends."""
         step, stop = self.progress.step, self._budget_stop()
-        if step % self.cfg.eval.every == 0 or stop:
+        if evaluated := step % self.cfg.eval.every == 0 or stop is not None:
             row = self.evaluate_row(row, final=stop is not None)
         reached = self.progress.time_to_target is not None
-        if stop is None and self.cfg.eval.stop_at_target and reached:
+        if stop is None and evaluated and self.cfg.eval.stop_at_target and reached:
             stop = "target"
+        if stop is None and redispatch is not None:
+            started = time.perf_counter()
+            row["dispatched"], row["idle"] = self._redispatch(redispatch)
+            row["train_s"] += time.perf_counter() - started
         if stop:
             row["stopped"] = stop
         self.log_row(row)
