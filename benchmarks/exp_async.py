@@ -80,7 +80,6 @@ def main() -> None:
     ap = script.parser(__doc__.split("\n")[0], "s-cls")
     ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     ap.add_argument("--no-stress", action="store_true", help="skip the edge-mix pair")
-    ap.add_argument("--central", action="store_true", help="also the central reference")
     args = ap.parse_args()
     plans = [("exp_async", args.arms, [])]
     if not args.no_stress:

@@ -6,6 +6,7 @@ run → table → RESULTS.md section sequence.
     --seeds 0 1 2              seeds (default: PROTOCOL v2's 0, 1, 2)
     --jobs N                   worker processes, one thread each (default 1)
     --budget protocol|equal    PROTOCOL v2's chase budget, or every arm the config's
+    --central                  also run the central reference (PROTOCOL's v1 target line)
     --table-only               run nothing: the table of the finished runs on disk
     --out FILE                 write the section here instead of benchmarks/RESULTS.md
 """
@@ -34,6 +35,7 @@ def parser(description: str, scenario: str, default_size: str = "cpu") -> argpar
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--budget", choices=("protocol", "equal"), default="protocol")
+    ap.add_argument("--central", action="store_true", help="also the central reference")
     ap.add_argument("--out", type=Path, default=None, help="write here instead of RESULTS.md")
     ap.set_defaults(scenario=scenario)
     return ap
@@ -51,8 +53,7 @@ def experiment(
     overrides: Sequence[str] = (),
 ) -> Experiment:
     """The experiment ``<name>-<config stem>`` of ``arms`` with the shared options
-    (seeds, ``--set`` overrides then ``overrides``, budget, data folder, and
-    ``--central`` where the script offers it)."""
+    (seeds, ``--set`` overrides then ``overrides``, budget, data folder, central)."""
     config = config_path(args)
     return Experiment(
         key=f"{name}-{config.stem}",
@@ -62,7 +63,7 @@ def experiment(
         overrides=[*args.overrides, *overrides],
         baseline=baseline,
         budget=args.budget,
-        central=getattr(args, "central", False),
+        central=args.central,
         data_dir=args.data_dir,
     )
 

@@ -270,6 +270,8 @@ def report(
     """The body of an experiment's RESULTS.md section: scenario, budget, wall time,
     references, the table, the verdicts, the notes and the figure's link."""
     exp = results.experiment
+    finished = [run for runs in results.runs.values() for run in runs.values()]
+    walls = [run.summary.get("wall_time") or 0.0 for run in finished]
     budget = (
         "PROTOCOL v2: the baseline's budget as configured; every other arm until the "
         "target, the baseline's virtual time T or 4× its client updates"
@@ -280,7 +282,8 @@ def report(
         f"- scenario: `{exp.config}`" + (f" with `{' '.join(exp.overrides)}`" if exp.overrides
                                           else ""),
         f"- seeds: {', '.join(map(str, exp.seeds))}; baseline: {exp.baseline}; budget: {budget}",
-        f"- wall time of this invocation: {results.wall_time:.0f} s (finished runs reused)",
+        f"- wall time of this invocation: {results.wall_time:.0f} s (finished runs reused); "
+        f"the wall times of the {len(finished)} finished runs sum to {sum(walls) / 60:.0f} min",
         "- arms: " + "; ".join(
             f"{a.name} = `{' '.join(a.overrides) or 'scenario as configured'}`" for a in exp.arms
         ),
