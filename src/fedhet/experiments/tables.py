@@ -84,6 +84,15 @@ def summary(key: str, scale: float = 1.0) -> Value:
     return lambda run: None if run.summary.get(key) is None else run.summary[key] * scale
 
 
+def updates_used(run: Run) -> float:
+    """Client updates the run spent: arrivals (async), else the clients of every
+    round (PROTOCOL v2's "updates it used", applied or not)."""
+    arrivals = [r for r in run.rows if "arrival" in r]
+    if arrivals:
+        return float(len(arrivals))
+    return float(sum(r.get("clients", 0) for r in run.rows))
+
+
 def delivering(run: Run) -> float | None:
     """Distinct clients whose asynchronous updates arrived (None for round-based runs)."""
     senders = Counter(r["client"] for r in run.rows if "staleness" in r)
@@ -124,6 +133,7 @@ def standard_columns(results: Results) -> list[Column]:
             Column(f"Δ {metric} vs baseline{unit}", final(metric, points), "+.1f", "difference"),
         ]
     return [
+        Column("client updates used", updates_used, ".0f"),
         Column("updates applied", summary("updates_applied"), ".0f"),
         Column("time to target [virtual s]", ttt, ".3g"),
         Column("speed-up vs baseline", ttt, ".2f", paired="ratio"),
