@@ -69,6 +69,7 @@ def experiment(tmp_path):
     )
 
 
+@pytest.mark.slow  # two arms × two seeds of the smoke scenario, ~30 s
 def test_runner_budgets_references_reuse_and_table(experiment, monkeypatch):
     logged: list[str] = []
     results = run_experiment(experiment, log=logged.append)
