@@ -56,7 +56,7 @@ from typing import Any, Literal
 
 from fedhet.client.evaluate import reaches
 from fedhet.config import ExperimentConfig, apply_overrides, load_config, validate_config
-from fedhet.reports.summary import read_metrics
+from fedhet.reports.summary import read_metrics, summarize
 from fedhet.runtime.sim import Simulation
 from fedhet.strategies import STRATEGIES
 
@@ -212,16 +212,27 @@ def central_config(exp: Experiment, seed: int) -> ExperimentConfig:
 
 
 # ------------------------------------------------------------------ reuse
-def finished(cfg: ExperimentConfig) -> Run | None:
-    """The finished run of exactly ``cfg`` in its folder, or None (module docstring)."""
+def finished(cfg: ExperimentConfig, *, unfinished: bool = False) -> Run | None:
+    """The finished run of exactly ``cfg`` in its folder, or None (module docstring).
+    With ``unfinished``, a run still going (or stopped before its end) of exactly
+    ``cfg`` too: its summary is built from the rows it has logged so far and says
+    ``stopped: unfinished``."""
     run_dir = cfg.run_dir
-    if not (run_dir / "summary.json").is_file() or not (run_dir / "config.yaml").is_file():
+    done = (run_dir / "summary.json").is_file()
+    if not (done or unfinished) or not (run_dir / "config.yaml").is_file():
         return None
     if load_config(run_dir / "config.yaml").model_dump() != cfg.model_dump():
         return None
-    summary = json.loads((run_dir / "summary.json").read_text())
     arm = cfg.name.split("/")[-2] if "/" in cfg.name else cfg.name
-    return Run(arm, cfg.seed, cfg, summary, read_metrics(run_dir))
+    rows = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+    if done:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    elif len(rows) > 1:
+        summary = summarize(rows, cfg.eval.metric, None, cfg.eval.primary)
+        summary["stopped"] = "unfinished"
+    else:
+        return None
+    return Run(arm, cfg.seed, cfg, summary, rows)
 
 
 def references(baseline: Run, central: Run | None = None) -> References:
@@ -355,8 +366,10 @@ def run_experiment(
     return Results(exp, runs, refs, time.perf_counter() - started)
 
 
-def load_results(exp: Experiment) -> Results:
-    """The finished runs of ``exp`` from disk, nothing run (a partial table)."""
+def load_results(exp: Experiment, *, unfinished: bool = False) -> Results:
+    """The finished runs of ``exp`` from disk, nothing run (a partial table); with
+    ``unfinished`` also the runs still going, as far as they got (the baseline must
+    have finished: it sets the targets)."""
     runs: dict[str, dict[int, Run]] = {a.name: {} for a in exp.arms}
     refs: dict[int, References] = {}
     for seed in exp.seeds:
@@ -367,7 +380,7 @@ def load_results(exp: Experiment) -> Results:
         central = finished(central_config(exp, seed)) if exp.central else None
         refs[seed] = references(base, central)
         for arm in exp.arms:
-            run = finished(arm_config(exp, arm, seed, refs[seed]))
+            run = finished(arm_config(exp, arm, seed, refs[seed]), unfinished=unfinished)
             if arm.name != exp.baseline and run is not None:
                 runs[arm.name][seed] = run
     return Results(exp, runs, refs, 0.0)

@@ -8,6 +8,7 @@ run → table → RESULTS.md section sequence.
     --budget protocol|equal    PROTOCOL v2's chase budget, or every arm the config's
     --central                  also run the central reference (PROTOCOL's v1 target line)
     --table-only               run nothing: the table of the finished runs on disk
+    --unfinished               with --table-only, also the runs still going (marked)
     --out FILE                 write the section here instead of benchmarks/RESULTS.md
 """
 
@@ -34,6 +35,10 @@ def parser(description: str, scenario: str, default_size: str = "cpu") -> argpar
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument(
+        "--unfinished", action="store_true",
+        help="with --table-only: include the runs still going, as far as they got",
+    )
     ap.add_argument("--budget", choices=("protocol", "equal"), default="protocol")
     ap.add_argument("--central", action="store_true", help="also the central reference")
     ap.add_argument("--out", type=Path, default=None, help="write here instead of RESULTS.md")
@@ -71,7 +76,10 @@ def experiment(
 def run(exp: Experiment, args: argparse.Namespace) -> Results:
     """Run (or, with ``--table-only``, load) the experiment's runs; exits when none
     has finished."""
-    results = load_results(exp) if args.table_only else run_experiment(exp, jobs=args.jobs)
+    if args.table_only:
+        results = load_results(exp, unfinished=args.unfinished)
+    else:
+        results = run_experiment(exp, jobs=args.jobs)
     if not any(results.runs.values()):
         raise SystemExit(f"{exp.key}: no finished runs under {exp.config}'s output_dir")
     return results

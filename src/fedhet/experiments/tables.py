@@ -50,6 +50,10 @@ class Claim:
     threshold: float
     side: Side
     versus: str | None = None
+    censored: Value | None = None
+    """For a seed where ``value`` is None on the arm (e.g. the target not reached):
+    how far the arm got without it (e.g. its last virtual time), giving a bound
+    (a ratio below reference / this, a share above this / reference)."""
 
 
 def cell(est: Interval | None, fmt: str, total: int) -> str:
@@ -208,8 +212,36 @@ def verdict_lines(results: Results, claims: Sequence[Claim]) -> list[str]:
                     if needed
                     else f"; no number of seeds up to {MAX_SEEDS} would at this spread"
                 )
+        bounds = censored_bounds(results, claim)
+        if bounds:
+            text += "; seeds without a value: " + ", ".join(bounds)
         lines.append(text)
     return lines
+
+
+def censored_bounds(results: Results, claim: Claim) -> list[str]:
+    """Per seed where the arm ran but ``claim.value`` is None: the bound its
+    ``censored`` figure gives on the paired value (ratio or share only)."""
+    if claim.censored is None or claim.kind == "difference":
+        return []
+    reference = results.runs[claim.versus or results.experiment.baseline]
+    out = []
+    for seed, run in sorted(results.runs[claim.arm].items()):
+        ref = claim.value(reference[seed]) if seed in reference else None
+        got, reached = claim.censored(run), claim.value(run)
+        if reached is not None or ref is None or not got:
+            continue
+        if claim.kind == "ratio":
+            out.append(f"seed {seed}: < {ref / got:.3g} (none by {got:.3g})")
+        elif ref:
+            out.append(f"seed {seed}: > {got / ref:.3g} (none by {got:.3g})")
+    return out
+
+
+def last_virtual_time(run: Run) -> float | None:
+    """The virtual time of a run's last evaluation (a target is checked only there)."""
+    rows = run.evaluated()
+    return rows[-1].get("virtual_time") if rows else None
 
 
 def reference_lines(results: Results) -> list[str]:
