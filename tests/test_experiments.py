@@ -153,3 +153,31 @@ def test_an_async_run_stopped_at_the_target_dispatches_nothing_after_it(smoke_co
     ).run().metrics
     assert rows[-1]["stopped"] == "target" and "dispatched" not in rows[-1]
     assert all("dispatched" in r for r in rows[1:-1])
+
+
+def _fake_run(arm, seed, times_values, primary="option_ce"):
+    from fedhet.experiments.runner import Run
+
+    rows = [{"step": i, "virtual_time": t, f"global_{primary}": v}
+            for i, (t, v) in enumerate(times_values)]
+    return Run(arm, seed, None, {"primary": primary, "metric": "accuracy"}, rows)
+
+
+def test_a_claim_is_not_confirmed_over_a_seed_that_never_reached_the_target():
+    from fedhet.experiments.runner import References, Results
+    from fedhet.experiments.tables import last_virtual_time, verdict_lines
+
+    exp = Experiment("x", REPO / "configs" / "s-cls-smoke.yaml",
+                     [Arm("base"), Arm("fast")], seeds=[0, 1, 2, 3])
+    target = 1.0
+    base = {s: _fake_run("base", s, [(0, 2.0), (60, 1.5), (100, 0.9)]) for s in range(4)}
+    fast = {s: _fake_run("fast", s, [(0, 2.0), (10, 0.9)]) for s in range(3)}
+    fast[3] = _fake_run("fast", 3, [(0, 2.0), (5, 1.8), (20, 1.5)])  # never reaches
+    refs = {s: References(2.0, 0.9, target, 100.0) for s in range(4)}
+    results = Results(exp, {"base": base, "fast": fast}, refs, 0.0)
+    ttt = time_to_target(results)
+    claim = Claim("fast ≥ 2× sooner", "fast", ttt, "ratio", 2.0, ">=", censored=last_virtual_time)
+    (line,) = verdict_lines(results, [claim])
+    # three seeds at exactly 10× with no spread would confirm; the fourth stops it
+    assert "**inconclusive**" in line and "1 of 4 seeds run have no paired value" in line
+    assert "seed 3: < 5 (none by 20)" in line  # 100 s / 20 s: at most 5× on that seed
