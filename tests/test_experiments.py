@@ -181,3 +181,25 @@ def test_a_claim_is_not_confirmed_over_a_seed_that_never_reached_the_target():
     # three seeds at exactly 10× with no spread would confirm; the fourth stops it
     assert "**inconclusive**" in line and "1 of 4 seeds run have no paired value" in line
     assert "seed 3: < 5 (none by 20)" in line  # 100 s / 20 s: at most 5× on that seed
+
+
+def test_upper_bounds_of_seeds_that_never_reached_the_target_can_refute_a_speed_up():
+    from fedhet.experiments.runner import References, Results
+    from fedhet.experiments.tables import last_virtual_time, verdict_lines
+
+    exp = Experiment("x", REPO / "configs" / "s-cls-smoke.yaml",
+                     [Arm("base"), Arm("slow")], seeds=[0, 1, 2])
+    base = {s: _fake_run("base", s, [(0, 2.0), (100, 0.9)]) for s in range(3)}
+    # none reaches the target 1.0; their last evaluations: 20, 25, 22 virtual s
+    slow = {s: _fake_run("slow", s, [(0, 2.0), (t, 1.5)]) for s, t in enumerate((20, 25, 22))}
+    refs = {s: References(2.0, 0.9, 1.0, 100.0) for s in range(3)}
+    results = Results(exp, {"base": base, "slow": slow}, refs, 0.0)
+    ttt = time_to_target(results)
+    six, one = (
+        Claim(f"slow ≥ {k}×", "slow", ttt, "ratio", k, ">=", censored=last_virtual_time)
+        for k in (6.0, 1.0)
+    )
+    refuted, open_ = verdict_lines(results, [six, one])
+    # bounds 5, 4, 4.545: mean 4.52, t-interval up to ≈ 5.76 < 6
+    assert "**refuted**: with the seeds that did not reach it" in refuted
+    assert "**inconclusive**" in open_  # bounds below 6 say nothing about ≥ 1

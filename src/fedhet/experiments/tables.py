@@ -183,17 +183,36 @@ def table(results: Results, columns: Sequence[Column]) -> list[str]:
 
 
 def verdict_lines(results: Results, claims: Sequence[Claim]) -> list[str]:
-    """One line per claim: the paired estimate with its CI and the verdict."""
+    """One line per claim: the paired estimate with its CI and the verdict.
+
+    Seeds without a paired value but with a censored bound (:class:`Claim`) cannot
+    confirm a claim, but they can refute it: a ratio claim "≥ k" is refuted when the
+    95 % interval over the seeds, each taken at its value or at its upper bound, lies
+    below k (the true values are lower still); a share claim "≤ k" likewise from lower
+    bounds."""
     lines = []
+    exp = results.experiment
     for claim in claims:
         col = Column(claim.text, claim.value, ".3g", paired=claim.kind)
         est = estimate(results, claim.arm, col, claim.versus)
         word, needed = verdict(est, claim.threshold, claim.side)
-        seeds = len(results.experiment.seeds)
-        both = set(results.runs[claim.arm]) & set(results.runs[claim.versus or
-                                                              results.experiment.baseline])
-        text = f"- {claim.text}: {cell(est, '.3g', seeds)} (claim {claim.side} {claim.threshold:g})"
-        if est is None:
+        both = set(results.runs[claim.arm]) & set(results.runs[claim.versus or exp.baseline])
+        bounds = censored_bounds(results, claim)
+        text = (
+            f"- {claim.text}: {cell(est, '.3g', len(exp.seeds))} "
+            f"(claim {claim.side} {claim.threshold:g})"
+        )
+        bounded = bounded_estimate(results, claim, col, bounds)
+        refutes = bounded is not None and bounded.low is not None and (
+            (claim.kind == "ratio" and claim.side == ">=" and bounded.high < claim.threshold)
+            or (claim.kind == "relative" and claim.side == "<=" and bounded.low > claim.threshold)
+        )
+        if word != "refuted" and refutes:
+            text += (
+                f" — **refuted**: with the seeds that did not reach it taken at their bounds, "
+                f"{cell(bounded, '.3g', len(exp.seeds))} lies entirely on the other side"
+            )
+        elif est is None:
             text += " — no paired value (target not reached or run missing): **inconclusive**"
         elif word == "confirmed" and est.n < len(both):
             # a seed that ran both but has no paired value (e.g. never reached the target)
@@ -212,29 +231,50 @@ def verdict_lines(results: Results, claims: Sequence[Claim]) -> list[str]:
                     if needed
                     else f"; no number of seeds up to {MAX_SEEDS} would at this spread"
                 )
-        bounds = censored_bounds(results, claim)
         if bounds:
-            text += "; seeds without a value: " + ", ".join(bounds)
+            text += "; seeds without a value: " + ", ".join(t for _, t in bounds.values())
         lines.append(text)
     return lines
 
 
-def censored_bounds(results: Results, claim: Claim) -> list[str]:
+def bounded_estimate(
+    results: Results, claim: Claim, col: Column, bounds: dict[int, tuple[float, str]]
+) -> Interval | None:
+    """The interval over the seeds run by both arms, each at its paired value or,
+    without one, at its censored bound; None without bounds."""
+    if not bounds:
+        return None
+    exp = results.experiment
+    values = paired(
+        results.values(claim.arm, col.value),
+        results.values(claim.versus or exp.baseline, col.value),
+        claim.kind,
+    )
+    return interval(
+        [
+            bounds[s][0] if v is None and s in bounds else v
+            for s, v in zip(exp.seeds, values, strict=True)
+        ]
+    )
+
+
+def censored_bounds(results: Results, claim: Claim) -> dict[int, tuple[float, str]]:
     """Per seed where the arm ran but ``claim.value`` is None: the bound its
-    ``censored`` figure gives on the paired value (ratio or share only)."""
+    ``censored`` figure gives on the paired value (ratio: upper, share: lower) and
+    its text; ratio and share claims only."""
     if claim.censored is None or claim.kind == "difference":
-        return []
+        return {}
     reference = results.runs[claim.versus or results.experiment.baseline]
-    out = []
+    out: dict[int, tuple[float, str]] = {}
     for seed, run in sorted(results.runs[claim.arm].items()):
         ref = claim.value(reference[seed]) if seed in reference else None
         got, reached = claim.censored(run), claim.value(run)
         if reached is not None or ref is None or not got:
             continue
         if claim.kind == "ratio":
-            out.append(f"seed {seed}: < {ref / got:.3g} (none by {got:.3g})")
+            out[seed] = (ref / got, f"seed {seed}: < {ref / got:.3g} (none by {got:.3g})")
         elif ref:
-            out.append(f"seed {seed}: > {got / ref:.3g} (none by {got:.3g})")
+            out[seed] = (got / ref, f"seed {seed}: > {got / ref:.3g} (none by {got:.3g})")
     return out
 
 
