@@ -365,7 +365,7 @@ def report(
                                           else ""),
         f"- seeds: {', '.join(map(str, exp.seeds))}; baseline: {exp.baseline}; budget: {budget}",
         f"- wall time of this invocation: {results.wall_time:.0f} s (finished runs reused); "
-        f"the wall times of the {len(finished)} finished runs sum to {sum(walls) / 60:.0f} min",
+        f"the wall times of the {len(finished)} runs tabulated sum to {sum(walls) / 60:.0f} min",
         "- arms: " + "; ".join(
             f"{a.name} = `{' '.join(a.overrides) or 'scenario as configured'}`" for a in exp.arms
         ),
