@@ -336,7 +336,8 @@ def plot(results: Results, path: Path, key: str | None = None) -> Path:
     if targets:
         ax.axhspan(min(targets), max(targets) + 1e-9, color="grey", alpha=0.3, label="target")
     ax.set_xlabel("virtual time [s]")
-    ax.set_ylabel(f"global {key or 'primary figure'}")
+    primary = next((r.primary for runs in results.runs.values() for r in runs.values()), "")
+    ax.set_ylabel(f"global {key or primary}")
     ax.set_title(results.experiment.key)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
