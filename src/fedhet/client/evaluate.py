@@ -190,18 +190,19 @@ def evaluate_accuracy(
     if not scored:
         raise ValueError("accuracy needs records with label options")
     per_record = option_nll(model, tokenizer, scored, max_length=max_length, batch_size=batch_size)
-    with_loss = len(scored) == len(records) and all(r.response in r.options for r in records)
+    gold_known = all(r.response in r.options for r in scored)
+    with_loss = gold_known and len(scored) == len(records)
     correct, gold_nll, gold_tokens, option_ce = 0, 0.0, 0, 0.0
     for r, options in zip(scored, per_record, strict=True):
         best = min(range(len(r.options)), key=lambda j: _option_score(options[j], option_scoring))
         correct += r.options[best] == r.response
-        if r.response in r.options:
-            option_ce += _option_cross_entropy(options, r.options.index(r.response))
-        if with_loss:
-            nll, count = options[r.options.index(r.response)]
+        if gold_known:
+            gold = r.options.index(r.response)
+            option_ce += _option_cross_entropy(options, gold)
+            nll, count = options[gold]
             gold_nll, gold_tokens = gold_nll + nll, gold_tokens + count
     result = {"accuracy": correct / len(scored)}
-    if all(r.response in r.options for r in scored):
+    if gold_known:
         result["option_ce"] = option_ce / len(scored)
     if with_loss:
         loss = gold_nll / max(1, gold_tokens)
