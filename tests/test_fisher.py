@@ -4,17 +4,24 @@ import pytest
 import torch
 
 from fedhet.client import TrainPlan, local_update
+from fedhet.client import fisher as fisher_module
 from fedhet.client.curriculum import easiest, pacing
 from fedhet.client.fisher import (
     LAYER_SCORES,
     FisherSession,
     ScoreTracker,
+    at_initial_adapter,
+    frozen_layers,
     neuron_masks,
     per_sample_fisher,
+    per_sample_loss,
 )
+from fedhet.client.loss import target_nll
 from fedhet.data import encode, load_source
 from fedhet.data.encode import IGNORE_INDEX, Example, collate
+from fedhet.devices.profiles import load_fleet
 from fedhet.model.lora import LoraModel, LoraSpec, factor_keys
+from fedhet.runtime.cost import ClientCosts
 
 
 @pytest.fixture
@@ -171,19 +178,110 @@ def test_session_scores_when_needed_and_reuses_the_cache(lm_setup):
     difficulty = cache["difficulty"]
     assert difficulty.shape == (10,) and session.tokens == sum(len(e.input_ids) for e in examples)
     assert session.indices == easiest(difficulty, 0.3) and len(session.indices) == 3
-    assert cache == {"difficulty": difficulty}  # the scoring pass fed the tracker, not yet saved
+    assert cache == {"difficulty": difficulty, "updates": 1, "scored_at": 0}
     session.finish()
     assert set(cache["neuron"]) == set(lm.keys)
-    # cached scores are reused (no pass, no tokens) unless a rescore is asked for
+    # cached scores are reused (no pass, no tokens) while they are fresh
     cache["difficulty"] = torch.arange(10.0).flip(0)
     reuse = FisherSession.start(lm, examples, start, plan, cache, pad_id=pad)
     assert reuse.tokens == 0 and reuse.indices == [9, 8, 7]
-    rescore = FisherSession.start(
-        lm, examples, start, TrainPlan(curriculum_fraction=0.3, fisher_rescore=True), cache,
-        pad_id=pad,
-    )
-    assert rescore.tokens > 0 and torch.equal(cache["difficulty"], difficulty)
     assert FisherSession.start(lm, examples, start, TrainPlan(), cache, pad_id=pad) is None
+
+
+def test_scores_are_computed_once_per_client_then_every_r_of_its_updates(lm_setup, monkeypatch):
+    lm, start, pad = lm_setup
+    examples = _examples(6, seed=3)
+    calls = []
+    real = per_sample_fisher
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[1]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fisher_module, "per_sample_fisher", counting)
+    cache: dict = {}
+    tokens = []
+    for _ in range(7):  # seven participations of one client, whatever the rounds between
+        plan = TrainPlan(batch_size=4, curriculum_fraction=0.5, rescore_every=3)
+        tokens.append(FisherSession.start(lm, examples, start, plan, cache, pad_id=pad).tokens)
+    assert calls == [6, 6, 6]  # participations 0, 3 and 6
+    assert [t > 0 for t in tokens] == [True, False, False, True, False, False, True]
+    never = {}
+    for _ in range(4):
+        plan = TrainPlan(batch_size=4, curriculum_fraction=0.5, rescore_every=None)
+        FisherSession.start(lm, examples, start, plan, never, pad_id=pad)
+    assert len(calls) == 4 and never["updates"] == 4
+
+
+def test_loss_proxy_scores_each_sample_by_its_own_loss(lm_setup):
+    lm, start, pad = lm_setup
+    lm.load_state(start)
+    examples = _examples(7, seed=4)
+    proxy = per_sample_loss(lm, examples, pad_id=pad, batch_size=3)
+    for i, e in enumerate(examples):
+        batch = collate([e], pad)
+        with torch.no_grad():
+            nll, _ = target_nll(lm.model, batch)
+        assert proxy[i] == pytest.approx(float(nll.mean()), rel=1e-4)
+    cache: dict = {}
+    plan = TrainPlan(batch_size=4, curriculum_fraction=0.5, score_with="loss")
+    session = FisherSession.start(lm, examples, start, plan, cache, pad_id=pad)
+    assert torch.allclose(cache["difficulty"], proxy) and session.tokens > 0
+    assert "neuron" not in session.finish() and session.tracker.neuron == {}  # no gradients
+
+
+def test_observations_at_the_initial_adapter_are_skipped(lm_setup):
+    lm, _, pad = lm_setup
+    init = lm.init_state(0)  # B = 0
+    assert at_initial_adapter(init)
+    tracker = ScoreTracker(lm.num_layers, 0.9)
+    grads = {k: torch.ones_like(v) for k, v in init.items()}
+    tracker.observe(init, grads)
+    assert tracker.neuron == {} and tracker.layer["sensitivity"] is None
+    trained = {k: v + 0.01 for k, v in init.items()}
+    assert not at_initial_adapter(trained)
+    tracker.observe(trained, grads)
+    assert (tracker.layer["sensitivity"] > 0).all()
+    # a client's first update from the initial adapter: the scoring pass at B = 0 feeds
+    # nothing, so its layer report comes only from optimiser steps after the first
+    lm.load_state(init)
+    cache: dict = {}
+    plan = TrainPlan(batch_size=4, curriculum_fraction=0.5, layer_score="sensitivity")
+    session = FisherSession.start(lm, _examples(6), init, plan, cache, pad_id=pad)
+    assert cache["difficulty"].gt(0).all() and session.tracker.layer["sensitivity"] is None
+
+
+def test_layer_sparse_update_freezes_layers_and_charges_only_their_backward(tiny_model):
+    model, tok = tiny_model
+    lm = LoraModel(model, LoraSpec(rank=4, alpha=8))
+    examples = encode(load_source("dolly", limit=12), tok, 32)
+    start = {k: v + 0.01 for k, v in lm.init_state(1).items()}
+    assert frozen_layers(None, [0, 1], 0.5) == []  # no scores yet: every layer trains
+    assert frozen_layers(torch.tensor([1.0, 3.0]), [0, 1], 0.5) == [0]
+    cache = {"layer_fisher": torch.tensor([1.0, 3.0])}  # layer 1 matters more
+    seen = []
+    original = lm.set_trainable
+
+    def record(layers=None, frozen=()):
+        params = original(layers, frozen)
+        seen.append({k: p.requires_grad for k, p in lm.parameters().items()})
+        return params
+
+    lm.set_trainable = record
+    plan = TrainPlan(steps=2, batch_size=4, lr=1e-2, sparse_layers=[0, 1], sparse_unit="layer")
+    result = local_update(lm, examples, start, plan, pad_id=tok.pad_token_id, cache=cache)
+    layer0 = [k for k in start if ".layers.0." in k]
+    assert all(not seen[0][k] for k in layer0)  # no requires_grad: no gradient, no state
+    assert all(torch.equal(result.state[k], start[k]) for k in layer0)
+    assert all(not torch.equal(result.state[k], start[k]) for k in start if k not in layer0)
+    assert result.metrics["lowest_layer"] == 1
+    # the cost model charges the backward through block 1 only: F (1 + 2 · 1/2)
+    costs = ClientCosts(load_fleet("uniform", 1, 0), 1e6, lm.num_layers)
+    assert costs.update_flops(plan, result.metrics) == pytest.approx(
+        result.metrics["tokens"] * 1e6 * 2.0
+    )
+    full = {**result.metrics, "lowest_layer": 0.0}
+    assert costs.update_flops(plan, full) == pytest.approx(result.metrics["tokens"] * 1e6 * 3.0)
 
 
 def test_local_update_masks_non_gal_neurons_and_reports_layer_scores(tiny_model):
@@ -208,5 +306,5 @@ def test_local_update_masks_non_gal_neurons_and_reports_layer_scores(tiny_model)
     scores = result.extras[LAYER_SCORES]
     assert scores.shape == (lm.num_layers,) and (scores > 0).all()
     assert result.metrics["num_samples"] == 6
-    assert result.metrics["tokens"] > 3 * 4  # the scoring pass's tokens are charged
+    assert result.metrics["scoring_tokens"] > 0  # the scoring pass's tokens are charged
     assert torch.equal(cache["layer_sensitivity"], scores)

@@ -78,7 +78,7 @@ def compatible(lm: LoraModel, plans: Sequence[TrainPlan]) -> str | None:
     for plan in plans:
         if plan.prox_mu or plan.rank_reg is not None:
             return "a proximal or rank-regulariser term"
-        if plan.curriculum_fraction is not None or plan.fisher_rescore or plan.layer_score:
+        if plan.curriculum_fraction is not None or plan.layer_score:
             return "Fisher scoring (FibecFed)"
         if plan.sparse_layers is not None:
             return "Fisher-selected sparse layers (FibecFed)"

@@ -14,9 +14,14 @@ trainable or not). Three statistics, used by FibecFed
   mass of each row (a neuron: row j of B is output unit j, row i of A is rank
   component i), f_j = Σ_{θ ∈ row j} g_θ², smoothed over gradient observations by
   the momentum β: f ← β f + (1 − β) f_new (the first observation initialises).
-* **Layer scores** (global aggregation layers): per transformer block l, the
-  sensitivity s_l = Σ_{θ ∈ l} |θ · g_θ| or the Fisher mass m_l = Σ_{θ ∈ l} g_θ²,
-  both smoothed by the same momentum β.
+* **Layer scores** (global aggregation layers, and the layer-granular sparse
+  update): per transformer block l, the sensitivity s_l = Σ_{θ ∈ l} |θ · g_θ| or
+  the Fisher mass m_l = Σ_{θ ∈ l} g_θ², both smoothed by the same momentum β.
+
+A cheaper difficulty proxy, ``score_with="loss"``: d_i = ℓ_i, the sample's mean
+NLL from one forward pass (no per-sample gradients). It costs a third of a Fisher
+pass; how well it ranks samples like the Fisher trace (Spearman's ρ) is measured
+by ``benchmarks/bench_fibecfed_scoring.py``.
 
 Choices the paper leaves open:
 
@@ -31,18 +36,47 @@ Choices the paper leaves open:
   Sequences are right-padded and attention is causal, so the pad tokens at the
   end never influence the loss and no attention mask is needed: d_i equals (up
   to rounding) the value of a one-sample backward through the usual loss.
-* Its tokens count as training tokens (forward + backward), so the virtual
-  clock charges the client for scoring.
+* Scores are computed once per client and cached (client state, below); a
+  client rescores after ``rescore_every`` of its own local updates (None: never),
+  counted in its cache, so a client that rarely takes part never pays twice. The
+  pass's tokens are reported apart (``scoring_tokens``); the virtual clock
+  charges a Fisher pass as a forward and a backward through every block, a loss
+  pass as a forward (:mod:`fedhet.runtime.cost`).
+* Warm-up: an observation taken where every LoRA B factor is zero (the initial
+  adapter) carries no layer or A-neuron signal (θ_B = 0 makes θ_B·g_B = 0 and
+  ∂L/∂A ∝ B = 0), so it is skipped for the neuron and layer scores; a client's
+  first local update from the initial adapter therefore scores layers from its
+  optimiser steps after the first (B ≠ 0). Sample difficulties are unaffected
+  (∂ℓ_i/∂B ≠ 0 at B = 0).
 
 The smoothed statistics are client state: they live in the client's cache (a
 plain dict the runtime keeps per client and checkpoints, see
 :mod:`fedhet.runtime.sim`), under the keys ``difficulty`` (tensor [n]),
 ``neuron`` (key → tensor [rows]), ``layer_sensitivity`` and ``layer_fisher``
-(tensors [num_layers]), all on the CPU between updates.
+(tensors [num_layers]), all on the CPU between updates, and the counters
+``updates`` (local updates run) and ``scored_at`` (the update that last scored).
+
+Sparse local update (``sparse_layers``, γ = ``neuron_keep``), two granularities:
+
+* ``sparse_unit="neuron"`` (the paper's): in each sparse layer the top γ rows of
+  every factor by neuron score train, the others are masked (their gradient
+  zeroed before the step, their values restored after it; their AdamW moments
+  stay zero but are allocated with the tensor: freezing single rows outright
+  would mean splitting PEFT's factors per row). This saves no compute: the
+  activation gradients still flow through the layer to the ones below, and
+  LoRA's weight gradients are a few percent of a backward pass; the cost model
+  charges the full backward, which is the work done.
+* ``sparse_unit="layer"``: of the sparse layers, the top ⌈γ·n⌉ by the client's
+  smoothed layer score (``layer_score``, Fisher mass when none is asked) train
+  and the others are frozen: no ``requires_grad``, no gradient, no optimiser
+  state, and autograd stops below the lowest trainable block, which is what the
+  cost model charges (``lowest_layer`` in the metrics). Without layer scores yet
+  every layer trains.
 
 :class:`FisherSession` is what :func:`fedhet.client.train.local_update` calls:
-it reads the plan's fields (``curriculum_fraction``, ``fisher_rescore``,
-``layer_score``, ``sparse_layers``, ``neuron_keep``, ``score_momentum``),
+it reads the plan's fields (``curriculum_fraction``, ``rescore_every``,
+``score_with``, ``layer_score``, ``sparse_layers``, ``sparse_unit``,
+``neuron_keep``, ``score_momentum``),
 scores, picks the curriculum subset, builds the neuron masks, observes every
 optimiser step and reports the layer scores in ``extras["layer_scores"]``.
 """
@@ -58,8 +92,9 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from fedhet.client.curriculum import easiest
+from fedhet.client.loss import target_nll
 from fedhet.data.encode import IGNORE_INDEX, Example, collate
-from fedhet.model.lora import AdapterState, LoraModel, layer_index
+from fedhet.model.lora import AdapterState, LoraModel, is_lora_a, layer_index
 
 if TYPE_CHECKING:
     from fedhet.client.train import TrainPlan
@@ -68,6 +103,8 @@ LAYER_SCORES = "layer_scores"
 """Key of the per-layer scores (tensor [num_layers]) in an update's extras."""
 
 LAYER_SCORE_KINDS = ("sensitivity", "fisher")
+SCORE_WITH = ("fisher", "loss")
+SPARSE_UNITS = ("neuron", "layer")
 
 Grads = Mapping[str, torch.Tensor]
 
@@ -170,9 +207,36 @@ def _scoring_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+@torch.no_grad()
+def per_sample_loss(
+    lm: LoraModel, examples: Sequence[Example], *, pad_id: int, batch_size: int = 8
+) -> torch.Tensor:
+    """d_i = ℓ_i, each example's mean NLL over its response tokens at the model's
+    current adapter (one forward pass, eval mode; a float32 CPU tensor [n] in
+    example order): the cheap difficulty proxy (module docstring)."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    out = torch.zeros(len(examples), dtype=torch.float32)
+    device = next(lm.model.parameters()).device
+    with _scoring_mode(lm.model):
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            nll, rows = target_nll(lm.model, collate([examples[i] for i in idx], pad_id).to(device))
+            total = torch.zeros(len(idx), device=device).index_add_(0, rows, nll.float())
+            count = torch.zeros(len(idx), device=device).index_add_(0, rows, torch.ones_like(nll))
+            out[torch.tensor(idx)] = (total / count.clamp(min=1)).cpu()
+    return out
+
+
 # ---------------------------------------------------------------------------
 # Smoothed neuron and layer scores
 # ---------------------------------------------------------------------------
+
+
+def at_initial_adapter(theta: Grads) -> bool:
+    """Whether every LoRA B factor in ``theta`` is zero (LoRA's initial adapter: no
+    layer or A-neuron signal in a gradient taken there)."""
+    b_factors = [v for k, v in theta.items() if not is_lora_a(k)]
+    return bool(b_factors) and all(not bool(v.detach().any()) for v in b_factors)
 
 
 class ScoreTracker:
@@ -197,9 +261,10 @@ class ScoreTracker:
     @torch.no_grad()
     def observe(self, theta: Grads, grads: Grads) -> None:
         """One gradient observation: ``grads`` by adapter key (keys absent are
-        skipped), ``theta`` the parameter values they were taken at."""
+        skipped), ``theta`` the parameter values they were taken at; skipped as a
+        whole at the initial adapter (warm-up, module docstring)."""
         some = next(iter(grads.values()), None)
-        if some is None:
+        if some is None or at_initial_adapter(theta):
             return
         sens = torch.zeros(self.num_layers, device=some.device)
         mass = torch.zeros(self.num_layers, device=some.device)
@@ -258,10 +323,10 @@ class FisherSession:
 
     Build it with :meth:`start` (None when the plan asks for nothing); then use
     :attr:`indices` (the examples to train on), :attr:`masks` (the plan's masks
-    combined with the neuron masks by logical and), call :meth:`observe` after
-    each optimiser step's backward, and :meth:`finish` at the end (saves the
-    cache, returns the update's extras). :attr:`tokens` counts the scoring
-    pass's tokens.
+    combined with the neuron masks by logical and), :attr:`frozen_layers` (the
+    sparse layers frozen whole), call :meth:`observe` after each optimiser
+    step's backward, and :meth:`finish` at the end (saves the cache, returns the
+    update's extras). :attr:`tokens` counts the scoring pass's tokens.
     """
 
     def __init__(self, lm: LoraModel, tracker: ScoreTracker, cache: dict[str, Any]) -> None:
@@ -270,6 +335,7 @@ class FisherSession:
         self.cache = cache
         self.indices: Sequence[int] | None = None
         self.masks: dict[str, torch.Tensor] | None = None
+        self.frozen_layers: list[int] = []
         self.tokens = 0
         self.layer_score: str | None = None
 
@@ -284,49 +350,63 @@ class FisherSession:
         *,
         pad_id: int,
     ) -> FisherSession | None:
-        """Score (when asked or when the curriculum needs scores it lacks), pick the
-        curriculum subset and build the neuron masks; ``lm`` holds ``start``."""
+        """Score (when the curriculum needs scores the cache lacks or holds for
+        ``rescore_every`` updates), pick the curriculum subset, build the neuron
+        masks or choose the frozen layers; ``lm`` holds ``start``."""
         wanted = (
             plan.curriculum_fraction is not None
-            or plan.fisher_rescore
             or plan.layer_score is not None
             or plan.sparse_layers is not None
         )
         if not wanted:
             return None
-        if plan.layer_score not in (None, *LAYER_SCORE_KINDS):
-            raise ValueError(f"layer_score must be in {LAYER_SCORE_KINDS}, got {plan.layer_score}")
+        checks = {
+            "layer_score": (plan.layer_score, (None, *LAYER_SCORE_KINDS)),
+            "score_with": (plan.score_with, SCORE_WITH),
+            "sparse_unit": (plan.sparse_unit, SPARSE_UNITS),
+        }
+        for name, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if plan.curriculum_fraction is not None and plan.sample_indices is not None:
             raise ValueError("curriculum_fraction and sample_indices are exclusive")
         cache = {} if cache is None else cache
         session = cls(lm, ScoreTracker(lm.num_layers, plan.score_momentum, cache), cache)
         session.layer_score = plan.layer_score
-        difficulty = cache.get("difficulty")
-        stale = difficulty is None or difficulty.numel() != len(examples)
-        if plan.fisher_rescore or (plan.curriculum_fraction is not None and stale):
-            theta = lm.parameters()
-            cache["difficulty"] = per_sample_fisher(
-                lm,
-                examples,
-                pad_id=pad_id,
-                batch_size=plan.batch_size,
-                observe=lambda g: session.tracker.observe(theta, g),
-            )
-            session.tokens = sum(len(e.input_ids) for e in examples)
-        session.indices = (
-            easiest(cache["difficulty"], plan.curriculum_fraction)
-            if plan.curriculum_fraction is not None
-            else plan.sample_indices
-        )
-        session.masks = _combine(
-            plan.masks,
-            {}
-            if plan.sparse_layers is None
-            else neuron_masks(
+        updates = cache.get("updates", 0)
+        cache["updates"] = updates + 1
+        if plan.curriculum_fraction is not None:
+            if _needs_scores(cache, len(examples), updates, plan.rescore_every):
+                cache["difficulty"] = session._score(examples, plan, pad_id)
+                cache["scored_at"] = updates
+            session.indices = easiest(cache["difficulty"], plan.curriculum_fraction)
+        else:
+            session.indices = plan.sample_indices
+        neuron: dict[str, torch.Tensor] = {}
+        if plan.sparse_layers is not None and plan.sparse_unit == "neuron":
+            neuron = neuron_masks(
                 session.tracker.neuron, start, plan.sparse_layers, plan.neuron_keep
-            ),
-        )
+            )
+        elif plan.sparse_layers is not None:
+            scores = session.tracker.layer[plan.layer_score or "fisher"]
+            session.frozen_layers = frozen_layers(scores, plan.sparse_layers, plan.neuron_keep)
+        session.masks = _combine(plan.masks, neuron)
         return session
+
+    def _score(self, examples: Sequence[Example], plan: TrainPlan, pad_id: int) -> torch.Tensor:
+        """Difficulty scores of every example (Fisher trace or loss proxy); counts
+        the pass's tokens; a Fisher pass also feeds the smoothed scores."""
+        self.tokens = sum(len(e.input_ids) for e in examples)
+        if plan.score_with == "loss":
+            return per_sample_loss(self.lm, examples, pad_id=pad_id, batch_size=plan.batch_size)
+        theta = self.lm.parameters()
+        return per_sample_fisher(
+            self.lm,
+            examples,
+            pad_id=pad_id,
+            batch_size=plan.batch_size,
+            observe=lambda g: self.tracker.observe(theta, g),
+        )
 
     def observe(self, params: Mapping[str, torch.nn.Parameter]) -> None:
         """Observe the accumulated gradients of the trainable parameters."""
@@ -339,6 +419,32 @@ class FisherSession:
         if self.layer_score is None or self.tracker.layer[self.layer_score] is None:
             return {}
         return {LAYER_SCORES: self.tracker.layer[self.layer_score].cpu()}
+
+
+def _needs_scores(
+    cache: Mapping[str, Any], n: int, updates: int, rescore_every: int | None
+) -> bool:
+    """Whether a client scores now: no scores for its ``n`` examples yet, or its
+    scores are ``rescore_every`` of its own local updates old."""
+    difficulty = cache.get("difficulty")
+    if difficulty is None or difficulty.numel() != n:
+        return True
+    return rescore_every is not None and updates - cache.get("scored_at", 0) >= rescore_every
+
+
+def frozen_layers(
+    scores: torch.Tensor | None, layers: Sequence[int], keep: float
+) -> list[int]:
+    """The layer-granular sparse update: of ``layers``, all but the top
+    ⌈keep·n⌉ by ``scores`` (ties to the lower layer), sorted; none without scores."""
+    if not 0 < keep <= 1:
+        raise ValueError(f"neuron_keep must be in (0, 1], got {keep}")
+    if scores is None or not layers:
+        return []
+    candidates = sorted(layers)
+    order = torch.argsort(-scores.float().cpu()[candidates], stable=True)
+    kept = {candidates[i] for i in order[: max(1, math.ceil(keep * len(candidates) - 1e-9))]}
+    return [layer for layer in candidates if layer not in kept]
 
 
 def _combine(

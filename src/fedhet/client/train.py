@@ -21,7 +21,7 @@ import torch
 from fedhet.client.fisher import FisherSession
 from fedhet.client.loss import target_nll
 from fedhet.data.encode import Batch, Example, batches
-from fedhet.model.lora import AdapterState, LoraModel, factor_keys, ranks
+from fedhet.model.lora import AdapterState, LoraModel, factor_keys, layer_index, ranks
 from fedhet.protocol import ClientUpdate, Instruction
 
 
@@ -49,12 +49,13 @@ class TrainPlan:
         send: return the trained ``state`` or the ``delta`` from the start.
         upload_keys: keys to return (None = all).
         seed: seeds batching order and dropout.
-        curriculum_fraction, fisher_rescore, layer_score, sparse_layers,
-            neuron_keep, score_momentum: Fisher-based client work (FibecFed): train
-            on the easiest fraction of the examples, rescore them first, report
-            layer scores, keep only the top ``neuron_keep`` neurons of the LoRA
-            factors of ``sparse_layers`` trainable, smoothing scores with
-            ``score_momentum``; see :mod:`fedhet.client.fisher`.
+        curriculum_fraction, rescore_every, score_with, layer_score,
+            sparse_layers, sparse_unit, neuron_keep, score_momentum: Fisher-based
+            client work (FibecFed): train on the easiest fraction of the examples
+            (scored once, by Fisher trace or loss, again after ``rescore_every`` of
+            the client's updates), report layer scores, keep only the top
+            ``neuron_keep`` neurons (or layers) of ``sparse_layers`` trainable,
+            smoothing scores with ``score_momentum``; see :mod:`fedhet.client.fisher`.
     """
 
     steps: int = 4
@@ -75,9 +76,11 @@ class TrainPlan:
     upload_keys: Sequence[str] | None = None
     seed: int = 0
     curriculum_fraction: float | None = None
-    fisher_rescore: bool = False
+    rescore_every: int | None = None
+    score_with: Literal["fisher", "loss"] = "fisher"
     layer_score: Literal["sensitivity", "fisher"] | None = None
     sparse_layers: Sequence[int] | None = None
+    sparse_unit: Literal["neuron", "layer"] = "neuron"
     neuron_keep: float = 0.5
     score_momentum: float = 0.9
 
@@ -117,7 +120,11 @@ def local_update(
     lm.load_state(start)
     start_ranks = ranks(start)
     fisher = FisherSession.start(lm, examples, start, plan, cache, pad_id=pad_id)
-    params = lm.set_trainable(plan.trainable_layers, plan.frozen)
+    layers = plan.trainable_layers
+    if fisher and fisher.frozen_layers:
+        kept = range(lm.num_layers) if layers is None else layers
+        layers = [layer for layer in kept if layer not in fisher.frozen_layers]
+    params = lm.set_trainable(layers, plan.frozen)
     anchor = {k: p.detach().clone() for k, p in params.items()} if plan.prox_mu else {}
     masks = place_masks(fisher.masks if fisher else plan.masks, params, device)
     frozen_copy = {k: params[k].detach().clone() for k in masks}
@@ -162,7 +169,9 @@ def local_update(
         state,
         {
             "train_loss": float(loss_sum) / micro_batches,
-            "tokens": float(tokens + (fisher.tokens if fisher else 0)),
+            "tokens": float(tokens),
+            "scoring_tokens": float(fisher.tokens if fisher else 0),
+            "lowest_layer": float(min((layer_index(k) for k in params), default=lm.num_layers)),
             "steps": float(plan.steps),
             "seconds": seconds,
             "num_samples": float(len(data)),

@@ -6,8 +6,10 @@ A client's update lasts (:mod:`fedhet.devices.profiles`)
 
 with ``F_train = F_fwd · (1 + 2·f)``: a forward pass, and a backward pass (about
 twice a forward) through the fraction ``f`` of blocks that are backpropagated
-(all blocks from the lowest trainable one to the output); ``u_k`` is the device's
-straggler draw for that event.
+(all blocks from the lowest trained one to the output, as the update reports it);
+``u_k`` is the device's straggler draw for that event. A difficulty-scoring pass
+(FibecFed) adds its tokens at 3·F_fwd (per-sample Fisher: forward and backward
+through every block) or F_fwd (loss proxy: forward only).
 
 :class:`ClientCosts` computes ``t_k``; the virtual-clock executor charges it to
 every update, and the Flower executor uses it to order replies when asked to
@@ -49,21 +51,33 @@ class ClientCosts:
     flops_per_token: float
     num_layers: int
 
-    def train_flops_per_token(self, plan: TrainPlan) -> float:
-        return train_flops_per_token(self.flops_per_token, self.num_layers, plan.trainable_layers)
+    def update_flops(self, plan: TrainPlan, metrics: Mapping[str, float]) -> float:
+        """FLOPs of one local update from its reported work: ``tokens`` trained at
+        F_train down to the lowest block it trained (``lowest_layer``; the plan's
+        when not reported), plus ``scoring_tokens`` of a difficulty pass, charged
+        as a forward and a backward through every block (Fisher) or a forward
+        (``plan.score_with == "loss"``)."""
+        lowest = metrics.get("lowest_layer")
+        layers = plan.trainable_layers if lowest is None else [int(lowest)]
+        trained = metrics.get("tokens", 0.0) * train_flops_per_token(
+            self.flops_per_token, self.num_layers, layers
+        )
+        passes = 1 if plan.score_with == "loss" else 3
+        return trained + metrics.get("scoring_tokens", 0.0) * passes * self.flops_per_token
 
     def duration(
         self,
         client_id: int,
         plan: TrainPlan,
-        tokens: float,
+        metrics: Mapping[str, float],
         bytes_down: int,
         bytes_up: int,
         event: int,
     ) -> float:
-        """Virtual seconds of one update of ``client_id`` at ``event``."""
+        """Virtual seconds of one update of ``client_id`` at ``event`` that
+        reported ``metrics`` (:meth:`update_flops`)."""
         return self.fleet[client_id].duration(
-            tokens * self.train_flops_per_token(plan),
+            self.update_flops(plan, metrics),
             bytes_down,
             bytes_up,
             self.fleet.slowdown(client_id, event),

@@ -6,15 +6,13 @@ rows, logging, progress bar, checkpoints — and nothing of how clients run: tha
 the :class:`~fedhet.runtime.executor.Executor`'s (the in-process simulator or a
 Flower grid). Strategies are pure (:mod:`fedhet.strategies.base`).
 
-Synchronous round r: the online training clients (``executor.online(r)``) are
-sampled, ``clients_per_round · (1 + over_selection)`` of them, with the stream
-``(seed, 17, r)``; each selected client then crashes with probability
-``executor.dropout`` (same stream; ``federation.dropout`` in simulation, 0 on
-real nodes). The others' instructions run at once; in
-arrival order (duration, then client id) the first ``clients_per_round`` valid
-updates are kept, then those later than ``deadline_s`` are dropped (the round
-then lasts the deadline). The round lasts as long as its slowest kept client;
-the others idle meanwhile.
+Synchronous round r: the online training clients (``executor.online(r)``) are sampled,
+``clients_per_round · (1 + over_selection)`` of them, with the stream ``(seed, 17, r)``;
+each selected client then crashes with probability ``executor.dropout`` (same stream;
+``federation.dropout`` in simulation, 0 on real nodes). The others' instructions run at
+once; in arrival order (duration, then client id) the first ``clients_per_round`` valid
+updates are kept, then those later than ``deadline_s`` are dropped (the round then lasts
+the deadline). The round lasts as long as its slowest kept client; the others idle.
 
 Asynchronous, in the regime ``federation.regime`` (else ``strategy.regime``):
 every online client (``full``) or ``concurrency`` of them (``bounded``, drawn
@@ -95,6 +93,7 @@ class Driver:
         self.infos: dict[int, ClientInfo] = {}
         self.total: int | None = None  # rounds or arrivals of the run (the log's ETA)
         self.regime = cfg.federation.regime or strategy.regime  # async (module docstring)
+        strategy.horizon = None if strategy.mode == "async" else cfg.federation.rounds
         self._wall_start = time.perf_counter()
 
     # ------------------------------------------------------------------ run

@@ -299,9 +299,8 @@ class FlowerExecutor(Executor):
         run.bytes_up = state_bytes(run.update.state)
         if self.virtual:
             bytes_down = state_bytes(sent.inst.state)
-            tokens = run.update.metrics.get("tokens", 0.0)
             run.duration = self.costs.duration(
-                cid, sent.plan, tokens, bytes_down, run.bytes_up, sent.event
+                cid, sent.plan, run.update.metrics, bytes_down, run.bytes_up, sent.event
             )
         return run
 

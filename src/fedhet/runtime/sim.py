@@ -211,7 +211,7 @@ class Simulation(Executor):
         bytes_down, bytes_up = state_bytes(inst.state), state_bytes(update.state)
         update, fault = self.faults.apply(update, expected, event)
         duration = self.costs.duration(
-            cid, plan, update.metrics["tokens"], bytes_down, bytes_up, event
+            cid, plan, update.metrics, bytes_down, bytes_up, event
         )
         return ClientRun(cid, expected, update, duration, bytes_up, fault)
 

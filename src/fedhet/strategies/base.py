@@ -62,12 +62,16 @@ class Strategy(ABC):
     ``full`` (every client in flight, an arrival restarts the same client) or
     ``bounded`` (``concurrency`` in flight, a freed slot goes to a random idle
     client); ``federation.regime`` overrides it.
+    ``horizon`` is the run's configured number of rounds (sync and hier; None in
+    async or when unknown), set by the driver before :meth:`initialize`, for
+    schedules that span the run (FibecFed's curriculum pacing).
     """
 
     name: ClassVar[str]
     mode: ClassVar[Literal["sync", "async", "hier"]] = "sync"
     keeps_local_state: ClassVar[bool] = False
     regime: ClassVar[Literal["full", "bounded"]] = "bounded"
+    horizon: int | None = None
 
     def initialize(self, state: AdapterState, clients: list[ClientInfo]) -> AdapterState:
         """Called once before training with the initial global adapter and the

@@ -1,55 +1,65 @@
 """FibecFed (Liu et al., EMNLP 2024): Fisher-information curriculum and sparse layers.
 
-Three parts; the client-side work (scoring, curriculum subset, neuron masks) is
-done by the client (:mod:`fedhet.client.fisher`, :mod:`fedhet.client.curriculum`)
-following the plan fields this strategy sets; the server only chooses layers
-and aggregates.
+Three parts; the client-side work (scoring, curriculum subset, neuron masks or
+frozen layers) is done by the client (:mod:`fedhet.client.fisher`,
+:mod:`fedhet.client.curriculum`) following the plan fields this strategy sets;
+the server only chooses layers and aggregates.
 
-1. Curriculum. Client k scores its samples by the trace of the diagonal
-   empirical Fisher w.r.t. the LoRA parameters, d_i = Σ_θ (∂ℓ_i/∂θ)², and in
-   round t trains on its ⌈p(t)·n_k⌉ easiest samples, p(t) =
-   pacing(t − 1; p0, T) growing from p0 to 1 over T = ``pacing_rounds`` rounds
-   (``pacing``: linear, root or geometric). A client rescores when its scores
-   are at least R = ``rescore_every`` rounds old when it participates (and
-   whenever it has none).
+1. Curriculum. Client k scores its samples once by the trace of the diagonal
+   empirical Fisher w.r.t. the LoRA parameters, d_i = Σ_θ (∂ℓ_i/∂θ)² (or, with
+   ``score_with="loss"``, by the cheaper proxy d_i = ℓ_i), keeps the scores as
+   its own state and rescores after R = ``rescore_every`` of its own local
+   updates (None: never). In round t it trains on its ⌈p(t)·n_k⌉ easiest
+   samples, p(t) = pacing(t − 1; p0, T − 1) growing from p0 in round 1 to 1 in
+   round T = ``pacing_rounds``, by default the run's configured rounds (the
+   driver's ``horizon``), so the whole of every client's data is in use by the
+   last round (``pacing``: linear, root or geometric).
 2. Global aggregation layers (GAL). Each client reports a score per transformer
    block, the sensitivity Σ_{θ∈l} |θ·∂L/∂θ| (default) or the Fisher mass
    Σ_{θ∈l} (∂L/∂θ)², momentum-smoothed; the server normalises each report to sum
    1, averages the latest report of every client with data-size weights p_k,
    and keeps the top ⌈ρ·L⌉ blocks (ties to the lower block) as GAL, re-selected
-   every E = ``gal_every`` rounds. Only GAL tensors travel, both ways; they are
+   every E = ``gal_every`` rounds. Only GAL tensors travel down; they are
    averaged as FedIT does, A ← Σ p_k A_k, B ← Σ p_k B_k.
 3. Sparse local update. Outside GAL, only the top γ of each LoRA factor's
    neurons (rows of B and rows of A) by momentum-smoothed (β) Fisher score stay
-   trainable; the other rows are masked and never change.
+   trainable (``sparse_unit="neuron"``, the paper's; it saves no compute, see
+   :mod:`fedhet.client.fisher`), or only the top ⌈γ·n⌉ of the n non-GAL layers
+   by the client's layer score train and the rest are frozen
+   (``sparse_unit="layer"``: no gradient, no optimiser state, a shallower
+   backward that the cost model charges).
 
 Choices the paper leaves open (each a parameter where it is a number):
 
-* Round 1 has no scores: every layer is global in round 1 (all tensors travel,
-  no neuron masks), the clients report their scores, and GAL is first selected
-  in round 2 from those reports.
-* Non-GAL layers are never sent. They are each client's own, starting from the
-  shared initial adapter (so a client joining late starts its local layers
-  there, not from a global copy). When a layer enters GAL the clients receive
-  the server's copy (its last aggregate, or the initial adapter) over their own;
-  when it leaves GAL each client keeps its own. Global evaluation uses the
-  server's state (non-GAL layers as they were last aggregated); local evaluation
-  uses the client's own non-GAL layers under the global GAL layers.
+* Warm-up: during the first W = ``warmup_rounds`` rounds every layer is global
+  and the layer reports of those rounds are not used: an update that starts
+  from LoRA's initial adapter (B = 0) has θ_B·g_B = 0 and ∂L/∂A ∝ B = 0, so its
+  sensitivities say nothing (the client also skips score observations taken at
+  B = 0). GAL is first selected in the first round after a report from round
+  W + 1 or later has arrived, from those reports, then every E rounds.
+* Non-GAL layers are never sent down. They are each client's own, starting from
+  the shared initial adapter (so a client joining late starts its local layers
+  there). When a layer enters GAL the clients receive the server's copy over
+  their own; when it leaves GAL each client keeps its own.
+* The global model's non-GAL layers: in a refresh round — a round in which GAL
+  is (re)selected, and the run's last round — every client uploads all its
+  layers; the server averages the non-GAL ones (data-weighted) into its copy,
+  which is what global evaluation and the final adapter use (never sent down).
+  Their bytes count. Between refreshes the global figure uses the last refresh;
+  local evaluation uses each client's own non-GAL layers under the global GAL
+  layers (the personalised model).
 * Neuron masks are built by the client from its own smoothed scores (the server
   sends the layers to sparsify and γ, never masks or scores). GAL layers train
-  all their neurons. A client with no neuron scores yet trains every neuron;
-  with the curriculum on, its first scoring pass provides them.
-* Scores are smoothed over gradient observations (each optimiser step, and
-  each chunk of a scoring pass) with one momentum β for neurons and layers;
-  the scoring pass is charged to the client's virtual time.
+  all their neurons. A client with no neuron (or layer) scores yet trains every
+  neuron (layer); with the curriculum on, its first scoring pass provides them.
 * A layer report is used until the same client sends a newer one; malformed
   reports are ignored (logged) and never stop aggregation.
 * Ablations: ``curriculum``, ``gal`` and ``sparse`` switch the parts off. With
   ``gal=False`` every layer is aggregated every round and the sparse update (if
   on) covers every layer.
 
-Defaults: p0 = 0.3, linear pacing over T = 20 rounds, R = 10, ρ = 0.5, E = 5,
-sensitivity scores, γ = 0.5, β = 0.9.
+Defaults: p0 = 0.3, linear pacing over the run, R = 10 updates, Fisher scores,
+W = 1, ρ = 0.5, E = 5, sensitivity scores, neuron unit, γ = 0.5, β = 0.9.
 """
 
 from __future__ import annotations
@@ -62,7 +72,7 @@ import torch
 
 from fedhet.client.curriculum import PACINGS, Pacing
 from fedhet.client.curriculum import pacing as pacing_fraction
-from fedhet.client.fisher import LAYER_SCORE_KINDS, LAYER_SCORES
+from fedhet.client.fisher import LAYER_SCORE_KINDS, LAYER_SCORES, SCORE_WITH, SPARSE_UNITS
 from fedhet.model.lora import AdapterState, layer_index
 from fedhet.protocol import ClientInfo, ClientUpdate, Instruction
 from fedhet.strategies.base import Strategy, data_weights, require_nonempty, weighted_average
@@ -105,24 +115,30 @@ class FibecFed(Strategy):
         curriculum: bool = True,
         p0: float = 0.3,
         pacing: Pacing = "linear",
-        pacing_rounds: int = 20,
-        rescore_every: int = 10,
+        pacing_rounds: int | None = None,
+        rescore_every: int | None = 10,
+        score_with: Literal["fisher", "loss"] = "fisher",
         gal: bool = True,
         rho: float = 0.5,
         gal_every: int = 5,
+        warmup_rounds: int = 1,
         layer_score: Literal["sensitivity", "fisher"] = "sensitivity",
         sparse: bool = True,
+        sparse_unit: Literal["neuron", "layer"] = "neuron",
         gamma: float = 0.5,
         beta: float = 0.9,
     ) -> None:
         checks = {
             "p0 must be in (0, 1]": 0 < p0 <= 1,
             f"pacing must be one of {PACINGS}": pacing in PACINGS,
-            "pacing_rounds must be >= 0": pacing_rounds >= 0,
-            "rescore_every must be >= 1": rescore_every >= 1,
+            "pacing_rounds must be >= 1": pacing_rounds is None or pacing_rounds >= 1,
+            "rescore_every must be >= 1": rescore_every is None or rescore_every >= 1,
+            f"score_with must be one of {SCORE_WITH}": score_with in SCORE_WITH,
             "rho must be in (0, 1]": 0 < rho <= 1,
             "gal_every must be >= 1": gal_every >= 1,
+            "warmup_rounds must be >= 0": warmup_rounds >= 0,
             f"layer_score must be one of {LAYER_SCORE_KINDS}": layer_score in LAYER_SCORE_KINDS,
+            f"sparse_unit must be one of {SPARSE_UNITS}": sparse_unit in SPARSE_UNITS,
             "gamma must be in (0, 1]": 0 < gamma <= 1,
             "beta must be in [0, 1)": 0 <= beta < 1,
         }
@@ -130,14 +146,16 @@ class FibecFed(Strategy):
         if failed:
             raise ValueError(f"fibecfed: {'; '.join(failed)}")
         self.curriculum, self.p0, self.pacing = curriculum, p0, pacing
-        self.pacing_rounds, self.rescore_every = pacing_rounds, rescore_every
+        self.pacing_rounds, self.rescore_every, self.score_with = (
+            pacing_rounds, rescore_every, score_with
+        )
         self.gal, self.rho, self.gal_every, self.layer_score = gal, rho, gal_every, layer_score
-        self.sparse, self.gamma, self.beta = sparse, gamma, beta
-        self.selected: list[int] | None = None  # GAL; None = every layer (round 1)
+        self.warmup_rounds = warmup_rounds
+        self.sparse, self.sparse_unit, self.gamma, self.beta = sparse, sparse_unit, gamma, beta
+        self.selected: list[int] | None = None  # GAL; None = every layer (warm-up)
         self.selected_round = 0
         self.reports: dict[int, torch.Tensor] = {}
         self.report_weights: dict[int, float] = {}
-        self.scored: dict[int, int] = {}  # round each client was last told to score
         self.layers: list[int] = []
 
     # ------------------------------------------------------------- protocol
@@ -149,34 +167,47 @@ class FibecFed(Strategy):
         """The layers aggregated now (all of them until GAL is first selected)."""
         return list(self.layers) if self.selected is None else list(self.selected)
 
+    def curriculum_fraction(self, rnd: int) -> float:
+        """p(t) of round ``rnd``: p0 in round 1, 1 from round T on (module docstring)."""
+        horizon = self.pacing_rounds or self.horizon
+        if horizon is None:
+            raise ValueError("fibecfed: pacing_rounds is needed when the run length is unknown")
+        return pacing_fraction(rnd - 1, self.p0, horizon - 1, self.pacing)
+
+    def refreshes(self, rnd: int) -> bool:
+        """Whether every client uploads all its layers in round ``rnd`` (a GAL
+        selection round or the run's last round; module docstring)."""
+        return self.selected is not None and (
+            rnd == self.selected_round or rnd == self.horizon
+        )
+
     def configure(self, rnd: int, state: AdapterState, client_ids: list[int]) -> list[Instruction]:
         self._maybe_select(rnd)
         glob = set(self.global_layers())
         down = {k: v for k, v in state.items() if layer_index(k) in glob}
-        plan: dict[str, Any] = {"upload_keys": sorted(down), "score_momentum": self.beta}
+        up = sorted(state) if self.refreshes(rnd) else sorted(down)
+        plan: dict[str, Any] = {"upload_keys": up, "score_momentum": self.beta}
         if self.curriculum:
-            plan["curriculum_fraction"] = pacing_fraction(
-                rnd - 1, self.p0, self.pacing_rounds, self.pacing
-            )
+            plan |= {
+                "curriculum_fraction": self.curriculum_fraction(rnd),
+                "rescore_every": self.rescore_every,
+                "score_with": self.score_with,
+            }
         if self.gal:
             plan["layer_score"] = self.layer_score
         if self.sparse:
             plan["sparse_layers"] = [i for i in self.layers if i not in glob or not self.gal]
-            plan["neuron_keep"] = self.gamma
-        instructions = []
-        for cid in client_ids:
-            last = self.scored.get(cid)
-            rescore = self.curriculum and (last is None or rnd - last >= self.rescore_every)
-            if rescore:
-                self.scored[cid] = rnd
-            instructions.append(Instruction(cid, dict(down), {**plan, "fisher_rescore": rescore}))
-        return instructions
+            plan |= {"neuron_keep": self.gamma, "sparse_unit": self.sparse_unit}
+        return [Instruction(cid, dict(down), dict(plan)) for cid in client_ids]
 
     def aggregate(self, rnd: int, state: AdapterState, updates: list[ClientUpdate]) -> AdapterState:
         require_nonempty(updates, self.name)
-        for u in updates:
-            self._record_report(u)
-        keys = [k for k in state if layer_index(k) in set(self.global_layers())]
+        if rnd > self.warmup_rounds:
+            for u in updates:
+                self._record_report(u)
+        keys = sorted(state) if self.refreshes(rnd) else [
+            k for k in state if layer_index(k) in set(self.global_layers())
+        ]
         valid = [u for u in updates if self._carries(u, state, keys)]
         if not valid:
             log.warning("%s round %d: no valid update, global state unchanged", self.name, rnd)
@@ -188,8 +219,8 @@ class FibecFed(Strategy):
     def evaluation_state(
         self, state: AdapterState, client_state: AdapterState | None = None
     ) -> AdapterState:
-        """Global: the server's state. Local: the client's own non-GAL layers
-        under the global GAL layers."""
+        """Global: the server's state (non-GAL layers as of the last refresh).
+        Local: the client's own non-GAL layers under the global GAL layers."""
         if client_state is None:
             return state
         glob = set(self.global_layers())
@@ -197,7 +228,7 @@ class FibecFed(Strategy):
 
     # --------------------------------------------------------------- helpers
     def _maybe_select(self, rnd: int) -> None:
-        if not self.gal or not self.reports:
+        if not self.gal or not self.reports or rnd <= self.warmup_rounds + 1:
             return
         if self.selected is not None and rnd - self.selected_round < self.gal_every:
             return
@@ -240,7 +271,6 @@ class FibecFed(Strategy):
             "selected_round": self.selected_round,
             "reports": dict(self.reports),
             "report_weights": dict(self.report_weights),
-            "scored": dict(self.scored),
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -248,4 +278,3 @@ class FibecFed(Strategy):
         self.selected_round = sd["selected_round"]
         self.reports = dict(sd["reports"])
         self.report_weights = dict(sd["report_weights"])
-        self.scored = dict(sd["scored"])
