@@ -40,6 +40,9 @@ ARMS = {
             f"strategy.name={method}",
             "strategy.params={}",
             f"federation.regime={regime}",
+            # a checkpoint per evaluation, not per arrival (a full-regime checkpoint holds
+            # every in-flight update: ~400 MB at cpu size); no result depends on it
+            "federation.checkpoint_every=16",
         )
         for method, regime in ORDER
     },

@@ -3,13 +3,14 @@ comparisons and verdicts on made-up per-seed numbers; the runner's budgets,
 reference points, reuse and table on the smoke scenario."""
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from fedhet.client.evaluate import _option_cross_entropy  # noqa: PLC2701 (unit under test)
 from fedhet.experiments import runner as runner_module
-from fedhet.experiments.runner import Arm, Experiment, load_results, run_experiment
+from fedhet.experiments.runner import Arm, Experiment, load_results, run_experiment, same_run
 from fedhet.experiments.stats import interval, paired, seeds_needed, verdict
 from fedhet.experiments.tables import Claim, report, standard_columns, time_to_target
 
@@ -106,6 +107,15 @@ def test_runner_budgets_references_reuse_and_table(experiment, monkeypatch):
     monkeypatch.setattr(runner_module, "execute", lambda *a, **k: pytest.fail("ran again"))
     again = run_experiment(experiment, log=lambda _: None)
     assert again.references == results.references
+    # ... also at another checkpoint cadence, which changes no result; not at another lr
+    every_5 = [*experiment.overrides, "federation.checkpoint_every=5"]
+    cadence = replace(experiment, overrides=every_5)
+    assert run_experiment(cadence, log=lambda _: None).references == results.references
+    cfg = results.runs["fedit"][0].cfg
+    assert same_run(cfg, cfg.model_copy(update={"federation": cfg.federation.model_copy(
+        update={"checkpoint_every": 7})}))
+    assert not same_run(cfg, cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"lr": 1.0})}))
     assert load_results(experiment).references == results.references
     ttt = time_to_target(results)
     body = report(

@@ -29,7 +29,9 @@ the paired comparisons hold the partition fixed.
 **Reuse**: a run whose folder holds a ``summary.json`` and a saved config equal
 to the one it would run is not run again, and an unfinished one of the same
 config continues from its newest checkpoint, so a stopped experiment resumes
-where it stopped and seeds may be run by separate invocations.
+where it stopped and seeds may be run by separate invocations. Equal means equal
+but for ``federation.checkpoint_every``, which changes only how much work a kill
+loses, never a result (a resumed run equals the uninterrupted one).
 
 **Processes**: with ``jobs`` > 1 the runs go to that many worker processes
 (``spawn``), each single-threaded (``torch.set_num_threads(1)``), seeds side by
@@ -212,6 +214,18 @@ def central_config(exp: Experiment, seed: int) -> ExperimentConfig:
 
 
 # ------------------------------------------------------------------ reuse
+def same_run(a: ExperimentConfig, b: ExperimentConfig) -> bool:
+    """Whether two configs give the same run: equal but for the checkpoint cadence
+    (module docstring, Reuse)."""
+
+    def key(cfg: ExperimentConfig) -> dict[str, Any]:
+        dump = cfg.model_dump()
+        dump["federation"].pop("checkpoint_every")
+        return dump
+
+    return key(a) == key(b)
+
+
 def finished(cfg: ExperimentConfig, *, unfinished: bool = False) -> Run | None:
     """The finished run of exactly ``cfg`` in its folder, or None (module docstring).
     With ``unfinished``, a run still going (or stopped before its end) of exactly
@@ -221,7 +235,7 @@ def finished(cfg: ExperimentConfig, *, unfinished: bool = False) -> Run | None:
     done = (run_dir / "summary.json").is_file()
     if not (done or unfinished) or not (run_dir / "config.yaml").is_file():
         return None
-    if load_config(run_dir / "config.yaml").model_dump() != cfg.model_dump():
+    if not same_run(load_config(run_dir / "config.yaml"), cfg):
         return None
     arm = cfg.name.split("/")[-2] if "/" in cfg.name else cfg.name
     rows = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
@@ -280,7 +294,7 @@ def interrupted(cfg: ExperimentConfig) -> bool:
     """Whether ``cfg``'s folder holds an unfinished run of exactly ``cfg`` (resumed
     from its newest checkpoint); a folder holding another config's run is cleared."""
     saved = cfg.run_dir / "config.yaml"
-    if saved.is_file() and load_config(saved).model_dump() == cfg.model_dump():
+    if saved.is_file() and same_run(load_config(saved), cfg):
         return True
     if cfg.run_dir.exists():
         shutil.rmtree(cfg.run_dir)
