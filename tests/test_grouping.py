@@ -7,7 +7,6 @@ from fedhet.strategies.grouping import (
     balanced_groups,
     group_sizes,
     kl_to,
-    non_iid_degree,
     objective,
     random_groups,
 )
@@ -63,12 +62,6 @@ def test_update_similarity_grouping_spreads_each_cluster_over_the_groups():
     assert ours < min(
         objective(vectors * n[:, None], n, random_groups(12, 4, s), "l2") for s in range(30)
     )
-
-
-def test_non_iid_degree_is_the_members_mean_kl_to_their_pool():
-    h = np.array([[5.0, 0.0], [0.0, 5.0], [3.0, 3.0], [6.0, 6.0]])
-    assert non_iid_degree(h, [0, 1]) == pytest.approx(math.log(2))
-    assert non_iid_degree(h, [2, 3]) == pytest.approx(0.0)
 
 
 def test_sizes_and_bad_input():

@@ -1,5 +1,3 @@
-import math
-
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -11,7 +9,13 @@ from fedhet.model.lora import LoraModel, LoraSpec, select_layers, state_bytes, t
 from fedhet.protocol import ClientInfo, ClientUpdate, CostModel, GroupResult
 from fedhet.runtime.sim import Simulation
 from fedhet.strategies import build_strategy
-from fedhet.strategies.hier_planner import Member, group_time, max_depth, plan_groups, progress
+from fedhet.strategies.hier_planner import (
+    Member,
+    ProgressModel,
+    group_time,
+    max_depth,
+    plan_groups,
+)
 from fedhet.strategies.hierfedlora import HierFedLoRA, layerwise_average
 
 
@@ -35,6 +39,7 @@ def _cost(num_layers: int, clients: list[int], steps: int = 4) -> CostModel:
         down_bps={c: 1e7 for c in clients},
         group_up_bps=1e9,
         group_down_bps=1e9,
+        lan_bps=1e8,
     )
 
 
@@ -93,61 +98,75 @@ def test_blocks_below_the_depth_get_no_gradient_and_no_backward_flops(tiny_model
 
 
 # ---------------------------------------------------------------- the planner
-def test_the_planner_gives_slow_groups_less_depth_and_balances_round_times():
+def test_a_faster_group_runs_more_intra_group_rounds_in_the_slower_groups_time():
     cost = _cost(4, [0, 1, 2, 3])
+    rate = ProgressModel(4)  # the prior: ρ(d) = (d/4)^0.5
     fast = [Member(0, 1e13, 1e12), Member(1, 1e13, 1e12)]
-    slow = [Member(2, 2e11, 1e12), Member(3, 2e11, 1e12)]
-    fast_choice, slow_choice = plan_groups([(fast, 0.5), (slow, 0.5)], cost)
-    assert slow_choice.depth < fast_choice.depth
-    assert slow_choice.progress >= 0.5 * cost.round_steps  # the proxy's floor holds
-    # the slow group sets the horizon; the fast one takes the best proxy within it
-    horizon = slow_choice.time
-    assert fast_choice.time <= horizon * (1 + 1e-9)
-    for tau in (1, 2, 4):
+    slow = [Member(2, 1e12, 1e12), Member(3, 1e12, 1e12)]
+    fast_choice, slow_choice = plan_groups([fast, slow], cost, rate)
+    assert fast_choice.tau > slow_choice.tau and fast_choice.stages == fast_choice.tau
+    # the slow group takes its fastest plan that makes one FedIT round's progress ρ(L) ...
+    target = rate.rate(4)
+    assert slow_choice.progress >= target * (1 - 1e-9)
+    for tau in (1, 2, 3, 4):
         for d in range(1, 5):
-            if group_time(cost, fast, tau, d) <= horizon:
-                assert progress(cost, tau, d, 0.5, 0.5, 0.5) <= fast_choice.progress + 1e-12
-    # the slow group's plan is its fastest one that meets the floor
-    for tau in (1, 2, 4):
-        for d in range(1, 5):
-            if progress(cost, tau, d, 0.5, 0.5, 0.5) >= 0.5 * cost.round_steps:
+            if tau * rate.rate(d) >= target * (1 - 1e-9):
                 assert group_time(cost, slow, tau, d) >= slow_choice.time - 1e-12
+    # ... which sets the round's time; the fast group makes the most progress within it
+    assert fast_choice.time <= slow_choice.time * (1 + 1e-9)
+    for tau in (1, 2, 3, 4):
+        for d in range(1, 5):
+            if group_time(cost, fast, tau, d) <= slow_choice.time:
+                assert tau * rate.rate(d) <= fast_choice.progress + 1e-12
 
 
-def test_more_heterogeneous_groups_aggregate_more_often():
-    cost = _cost(4, [0, 1], steps=8)
-    members = [Member(0, 1e12, 1e12), Member(1, 1e12, 1e12)]
-    (calm,) = plan_groups([(members, 0.0)], cost)
-    (drifting,) = plan_groups([(members, 2.0)], cost)
-    assert drifting.tau < calm.tau
-    assert calm.tau * calm.stages == drifting.tau * drifting.stages == 8
-
-
-def test_memory_bounds_the_depth_and_max_depth_policy():
-    cost = _cost(4, [0, 1])
-    members = [Member(0, 1e12, 1.25e9), Member(1, 1e13, 1e12)]
-    assert max_depth(cost, members) == 2  # M(d) = 1e9 + d·1e8 ≤ 1.25e9
-    (joint,) = plan_groups([(members, 0.0)], cost)
-    assert joint.depth <= 2
-    (deepest,) = plan_groups([(members, 0.0)], cost, policy="max_depth")
-    assert (deepest.depth, deepest.tau, deepest.stages) == (2, 4, 1)
-    with pytest.raises(ValueError, match="divisors"):
-        plan_groups([(members, 0.0)], cost, taus=[3])
+def test_depths_differ_across_groups_with_different_memory():
+    cost = _cost(4, [0, 1, 2, 3])
+    small = [Member(0, 1e12, 1.25e9), Member(1, 1e12, 1e12)]  # M(d) = 1e9 + d·1e8: d ≤ 2
+    large = [Member(2, 1e12, 1e12), Member(3, 1e12, 1e12)]
+    assert max_depth(cost, small) == 2 and max_depth(cost, large) == 4
+    deep_pays = ProgressModel(4, exponent=1.5)  # progress that grows fast with depth
+    small_choice, large_choice = plan_groups([small, large], cost, deep_pays)
+    assert small_choice.depth <= 2 < large_choice.depth
+    # the shallow group needs more intra-group rounds for one FedIT round's progress
+    assert small_choice.tau >= 2
+    (deepest,) = plan_groups([small], cost, ProgressModel(4), policy="max_depth")
+    assert (deepest.depth, deepest.tau, deepest.stages) == (2, 1, 1)
+    with pytest.raises(ValueError, match="taus"):
+        plan_groups([small], cost, ProgressModel(4), taus=[0])
 
 
 def test_the_estimate_is_the_documented_formula():
     cost = _cost(4, [0])
     m = Member(0, 1e12, 1e12)
-    # 8·B(L)/down_G + K·(τ·tok·F(d)/speed) + transfers; τ = 2, d = 1 → K = 2
-    compute = 2 * 100 * 1e9 * 1.5 / 1e12
+    # 8·B(L)/down_G + τ rounds of E·tok·F(d)/speed + LAN transfers + 8·B(d)/up_G; τ = 2, d = 1
+    compute = 4 * 100 * 1e9 * 1.5 / 1e12
     expected = (
         8 * 4e5 / 1e9
-        + (compute + 8 * 4e5 / 1e7 + 8 * 1e5 / 1e7)
-        + (compute + 8 * 1e5 / 1e7 + 8 * 1e5 / 1e7)
+        + (compute + 8 * (4e5 + 1e5) / 1e8)
+        + (compute + 8 * (1e5 + 1e5) / 1e8)
         + 8 * 1e5 / 1e9
     )
     assert group_time(cost, [m], 2, 1) == pytest.approx(expected)
-    assert progress(cost, 2, 1, 1.0, 0.5, 0.5) == pytest.approx(4 * math.sqrt(0.25) / 1.5)
+
+
+def test_the_progress_estimate_moves_toward_the_measured_progress():
+    rate = ProgressModel(30, exponent=0.5, prior_weight=1.0, ema=0.5)
+    assert rate.rate(30) == 1.0 and rate.rate(15) == pytest.approx(0.5**0.5)
+    truth = {8: 0.02 * (8 / 30) ** 1.5, 30: 0.02}  # measured: progress falls fast with depth
+    errors = []
+    for _ in range(6):
+        rate.observe_round([(d, r) for d, r in truth.items()])
+        errors.append(abs(rate.b - 1.5))
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 0.1 < errors[0]
+    assert rate.rate(30) == pytest.approx(0.02, rel=0.1)
+    # measurements at a single depth fit the scale and leave the exponent at the prior
+    single = ProgressModel(30)
+    single.observe_round([(8, 0.05)])
+    assert single.b == pytest.approx(0.5) and single.rate(8) == pytest.approx(0.05)
+    copy = ProgressModel(30)
+    copy.load_state_dict(rate.state_dict())
+    assert (copy.a, copy.b) == pytest.approx((rate.a, rate.b))
 
 
 # ---------------------------------------------------------------- the strategy
@@ -174,14 +193,14 @@ def test_configure_group_sends_the_whole_adapter_first_then_only_the_trained_blo
     later = {i.client_id: i for i in strategy.configure_group(1, plan, 1, _state(3))}
     assert set(later[arrived].state) == set(trained)
     assert set(later[crashed].state) == set(_state(3))  # it missed the first download
-    assert first[0].plan["steps"] == plan.tau
+    assert "steps" not in first[0].plan and all(i.link == "lan" for i in first)  # E steps
     assert first[0].plan["trainable_layers"] == plan.layers == top_layers(3, plan.depth)
     assert first[0].plan["upload_keys"] == list(trained)
     with pytest.raises(FedhetError, match="histograms"):
         HierFedLoRA().initialize(_state(3), _infos([{}, {}], [1e12] * 2))
 
 
-def test_replanning_uses_observed_durations_and_state_round_trips():
+def test_replanning_uses_observed_durations_and_progress_and_state_round_trips():
     strategy = HierFedLoRA(num_groups=1, replan_every=2)
     strategy.initialize(_state(4), _infos([{"a": 5}, {"b": 5}], [1e12, 1e12]))
     cost = _cost(4, [0, 1])
@@ -189,9 +208,12 @@ def test_replanning_uses_observed_durations_and_state_round_trips():
     before = strategy.choices[0].time
     group_state = _state(4)
     trained = select_layers(group_state, plan.layers)
-    slow = ClientUpdate(0, trained, 5, metrics={"duration": 1e3})  # far slower than estimated
-    strategy.aggregate_group(plan, 0, group_state, [slow])
+    metrics = {"duration": 1e3, "first_loss": 2.0, "last_loss": 1.5}  # far slower than estimated
+    strategy.aggregate_group(plan, 0, group_state, [ClientUpdate(0, trained, 5, metrics=metrics)])
     assert strategy.ratio[0] > 1
+    strategy.aggregate_groups(1, group_state, [])
+    assert strategy.rate.observations == [(plan.depth, 0.25, 0.5)]  # (2 − 1.5) / 2
+    assert strategy.metrics()["progress_a"] == strategy.rate.a
     strategy.plan_round(2, [0, 1], cost)
     assert strategy.choices[0].time == before  # not a re-plan round
     strategy.plan_round(3, [0, 1], cost)
@@ -205,6 +227,7 @@ def test_replanning_uses_observed_durations_and_state_round_trips():
         strategy.choices,
         strategy.ratio,
     )
+    assert clone.rate.observations == strategy.rate.observations
 
 
 def test_update_similarity_grouping_mixes_clients_with_different_updates():
@@ -265,11 +288,11 @@ def test_the_simulator_honours_tau_counts_both_links_rejects_bad_updates_and_res
     down = up = 0
     for row in rows:
         times = []
+        assert "progress_b" in row
         for g in row["groups"].values():
-            assert g["tau"] * g["stages"] == cfg.train.steps
-            assert len(g["stage_log"]) == g["stages"]
+            assert g["tau"] == g["stages"] == len(g["stage_log"])  # τ intra-group rounds
             for stage in g["stage_log"]:
-                assert stage["steps"] == [g["tau"]] * len(stage["members"])
+                assert stage["steps"] == [cfg.train.steps] * len(stage["members"])  # E each
             trained = state_bytes(select_layers(sim.init_state, top_layers(2, g["depth"])))
             assert g["time"] == pytest.approx(
                 8 * full / 1e9 + sum(s["time"] for s in g["stage_log"]) + 8 * trained / 1e8
@@ -293,17 +316,21 @@ def test_the_simulator_honours_tau_counts_both_links_rejects_bad_updates_and_res
         assert resumed.metrics[-1][field] == result.metrics[-1][field]
 
 
-def test_one_group_one_stage_at_full_depth_is_fedit(smoke_config):
+def test_one_group_one_round_at_full_depth_is_fedit(smoke_config, tmp_path):
+    # one device kind whose wide-area link equals the LAN: member durations match FedIT's
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(
+        "profiles:\n  - {name: board, speed: 1.0e11, memory_gb: 8, up_mbps: 100, down_mbps: 100}\n"
+    )
     common = ("federation.rounds=1", "train.batch_size=2", "data.max_length=32")
     common += ("eval.global_size=4", "eval.local_clients=0", "federation.clients_per_round=6")
+    common += (f"fleet.name={fleet}", "federation.lan_mbps=100")
     fedit = Simulation(smoke_config(*common, "name=fedit")).run()
-    cfg = smoke_config(
-        *common,
-        "name=hier",
+    one_group = (
         "strategy.name=hierfedlora",
-        "strategy.params={num_groups: 1, taus: [2], depths: [2]}",
+        "strategy.params={num_groups: 1, taus: [1], depths: [2]}",
     )
-    hier = Simulation(cfg).run()
+    hier = Simulation(smoke_config(*common, *one_group, "name=hier")).run()
     for key, value in fedit.state.items():
         assert torch.allclose(hier.state[key], value, atol=1e-6)
     hop = 2 * 8 * state_bytes(fedit.state) / 1e9  # server → group → server, 1 Gbit/s
@@ -312,3 +339,7 @@ def test_one_group_one_stage_at_full_depth_is_fedit(smoke_config):
     )
     for field in ("bytes_up", "bytes_down", "updates_applied", "clients", "train_loss"):
         assert hier.metrics[-1][field] == pytest.approx(fedit.metrics[-1][field])
+    # the same members over a slower LAN take longer: the LAN carries their transfers
+    slow = smoke_config(*common, *one_group, "name=slow", "federation.lan_mbps=1")
+    slow_lan = Simulation(slow).run()
+    assert slow_lan.metrics[-1]["virtual_time"] > hier.metrics[-1]["virtual_time"]

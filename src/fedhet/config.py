@@ -105,6 +105,9 @@ class FederationConfig(_Section):
     max_update_norm: float | None = Field(None, gt=0)
     group_up_mbps: float = Field(1000.0, gt=0, description="group→server link (hier mode)")
     group_down_mbps: float = Field(1000.0, gt=0, description="server→group link (hier mode)")
+    lan_mbps: float = Field(
+        1000.0, gt=0, description="device↔group-aggregator link, both ways (hier mode)"
+    )
 
 
 class FleetConfig(_Section):

@@ -52,12 +52,16 @@ class Instruction:
             ``frozen``, ``masks``, ``prox_mu``, ``upload_keys``, ``send`` ...).
         version: the global model version the client starts from (set by the
             runtime; staleness = version at arrival − this).
+        link: ``"wan"``, the device's wide-area link to the server, or ``"lan"``,
+            the local link to a group aggregator (``federation.lan_mbps``), which
+            the virtual clock charges the transfers to.
     """
 
     client_id: int
     state: AdapterState
     plan: dict[str, Any] = field(default_factory=dict)
     version: int = 0
+    link: Literal["wan", "lan"] = "wan"
 
 
 @dataclass
@@ -89,7 +93,9 @@ class CostModel:
 
     ``flops_per_token[d]`` and ``memory_bytes[d]`` are indexed by depth
     d = 0..L; ``layer_bytes[ℓ]`` by block ℓ = 0..L−1; per-client figures by
-    client id; links in bit/s.
+    client id; links in bit/s (``up_bps``/``down_bps``: each device's wide-area
+    link, ``group_*_bps``: group aggregator ↔ server, ``lan_bps``: device ↔ group
+    aggregator).
     """
 
     num_layers: int
@@ -102,6 +108,7 @@ class CostModel:
     down_bps: Mapping[int, float]
     group_up_bps: float
     group_down_bps: float
+    lan_bps: float
 
     def top_bytes(self, depth: int) -> float:
         """B(d): bytes of the top ``depth`` blocks' adapter."""
@@ -110,8 +117,9 @@ class CostModel:
 
 @dataclass(frozen=True)
 class GroupRound:
-    """One group's work in one global round: its participating members, τ, the
-    number of stages K = H / τ, the depth d and the blocks it trains."""
+    """One group's work in one global round: its participating members, τ
+    intra-group rounds (``stages`` = τ, the driver's loop count), the depth d and
+    the blocks it trains."""
 
     group: int
     members: list[int]

@@ -141,14 +141,16 @@ def local_update(
 
     lm.model.train()
     loss_sum = torch.zeros((), device=device)
+    step_losses = []  # each step's summed micro-batch losses (first and last are reported)
     tokens = 0
     started = time.perf_counter()
     for _ in range(plan.steps):
+        step_loss = torch.zeros((), device=device)
         for _ in range(plan.grad_accum):
             batch = next(stream).to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = target_nll(lm.model, batch)[0].mean()
-            loss_sum += loss.detach()
+            step_loss += loss.detach()
             if plan.prox_mu:
                 loss = loss + 0.5 * plan.prox_mu * sum(
                     (p - anchor[k]).pow(2).sum() for k, p in params.items()
@@ -157,6 +159,8 @@ def local_update(
                 loss = loss + _rank_regulariser(params, start_ranks, *plan.rank_reg)
             (loss / plan.grad_accum).backward()
             tokens += batch.num_tokens
+        loss_sum += step_loss
+        step_losses.append(step_loss)
         if fisher:
             fisher.observe(params)
         masked_step(params, masks, frozen_copy, optimizer, scheduler, clip)
@@ -169,6 +173,8 @@ def local_update(
         state,
         {
             "train_loss": float(loss_sum) / micro_batches,
+            "first_loss": float(step_losses[0]) / plan.grad_accum if step_losses else 0.0,
+            "last_loss": float(step_losses[-1]) / plan.grad_accum if step_losses else 0.0,
             "tokens": float(tokens),
             "scoring_tokens": float(fisher.tokens if fisher else 0),
             "lowest_layer": float(min((layer_index(k) for k in params), default=lm.num_layers)),

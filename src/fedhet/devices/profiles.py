@@ -63,14 +63,20 @@ class DeviceProfile(BaseModel):
         return self.memory_gb * 2**30
 
     def duration(
-        self, train_flops: float, bytes_down: float, bytes_up: float, slowdown: float = 1.0
+        self,
+        train_flops: float,
+        bytes_down: float,
+        bytes_up: float,
+        slowdown: float = 1.0,
+        link_mbps: float | None = None,
     ) -> float:
-        """Virtual seconds for one update (see the module docstring)."""
-        return (
-            train_flops * slowdown / self.speed
-            + 8 * bytes_down / (self.down_mbps * 1e6)
-            + 8 * bytes_up / (self.up_mbps * 1e6)
-        )
+        """Virtual seconds for one update (see the module docstring); ``link_mbps``:
+        a local link used both ways instead of the device's wide-area link (a
+        hierarchical member talking to its group aggregator)."""
+        down = self.down_mbps if link_mbps is None else link_mbps
+        up = self.up_mbps if link_mbps is None else link_mbps
+        compute = train_flops * slowdown / self.speed
+        return compute + 8 * bytes_down / (down * 1e6) + 8 * bytes_up / (up * 1e6)
 
 
 _WAN = {"up_mbps": 20, "down_mbps": 50}  # PROTOCOL v2's device ↔ server link

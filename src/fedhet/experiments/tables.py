@@ -89,12 +89,20 @@ def summary(key: str, scale: float = 1.0) -> Value:
 
 
 def updates_used(run: Run) -> float:
-    """Client updates the run spent: arrivals (async), else the clients of every
-    round (PROTOCOL v2's "updates it used", applied or not)."""
+    """Client updates the run spent: arrivals (async), the members of every
+    intra-group round (hier), else the clients of every round (PROTOCOL v2's
+    "updates it used", applied or not)."""
     arrivals = [r for r in run.rows if "arrival" in r]
     if arrivals:
         return float(len(arrivals))
-    return float(sum(r.get("clients", 0) for r in run.rows))
+    return float(sum(_round_updates(r) for r in run.rows))
+
+
+def _round_updates(row: dict) -> int:
+    if "groups" in row:
+        stages = (s for g in row["groups"].values() for s in g["stage_log"])
+        return sum(len(s["members"]) for s in stages)
+    return row.get("clients", 0)
 
 
 def delivering(run: Run) -> float | None:

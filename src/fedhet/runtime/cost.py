@@ -73,14 +73,17 @@ class ClientCosts:
         bytes_down: int,
         bytes_up: int,
         event: int,
+        link_mbps: float | None = None,
     ) -> float:
         """Virtual seconds of one update of ``client_id`` at ``event`` that
-        reported ``metrics`` (:meth:`update_flops`)."""
+        reported ``metrics`` (:meth:`update_flops`), over the device's wide-area
+        link or, given ``link_mbps``, a local one (hierarchical members)."""
         return self.fleet[client_id].duration(
             self.update_flops(plan, metrics),
             bytes_down,
             bytes_up,
             self.fleet.slowdown(client_id, event),
+            link_mbps,
         )
 
 
@@ -146,7 +149,7 @@ def planner_costs(
     F(d) from :func:`train_flops_per_token` (forward-only FLOPs at d = 0), M(d)
     from the model's sizes, B per block from the initial adapter, tokens per
     step from each training client's example lengths (batch × grad_accum × mean
-    length), and the device and group links."""
+    length), and the device, group and LAN links."""
     num_layers = lm.num_layers
     flops = [float(costs.flops_per_token)] + [
         train_flops_per_token(costs.flops_per_token, num_layers, top_layers(num_layers, d))
@@ -170,4 +173,5 @@ def planner_costs(
         down_bps={c: fleet[c].down_mbps * 1e6 for c in example_lengths},
         group_up_bps=cfg.federation.group_up_mbps * 1e6,
         group_down_bps=cfg.federation.group_down_mbps * 1e6,
+        lan_bps=cfg.federation.lan_mbps * 1e6,
     )

@@ -27,9 +27,9 @@ reaches ``federation.max_virtual_time`` or, with ``eval.stop_at_target``, at the
 first evaluation reaching ``eval.target`` (last row: ``stopped``).
 
 Hierarchical round r (mode ``"hier"``): ``strategy.plan_round`` (online clients,
-``executor.planner_costs()``) gives each group's members, τ_g, K_g stages and
-blocks; a group downloads the global adapter over its group ↔ server link, then
-K_g times: ``strategy.configure_group`` → the members run (each crashes with
+``executor.planner_costs()``) gives each group's members, K_g stages (τ_g intra-group
+rounds) and blocks; a group downloads the global adapter over its group ↔ server link,
+then K_g times: ``strategy.configure_group`` → the members run (each crashes with
 probability ``dropout``, stream ``(seed, 37, r, g, stage)``) → validation →
 ``strategy.aggregate_group``; a stage lasts as long as its slowest member; last
 the group uploads its trained blocks; ``strategy.aggregate_groups`` merges the

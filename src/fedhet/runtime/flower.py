@@ -299,8 +299,9 @@ class FlowerExecutor(Executor):
         run.bytes_up = state_bytes(run.update.state)
         if self.virtual:
             bytes_down = state_bytes(sent.inst.state)
+            lan = self.cfg.federation.lan_mbps if sent.inst.link == "lan" else None
             run.duration = self.costs.duration(
-                cid, sent.plan, run.update.metrics, bytes_down, run.bytes_up, sent.event
+                cid, sent.plan, run.update.metrics, bytes_down, run.bytes_up, sent.event, lan
             )
         return run
 

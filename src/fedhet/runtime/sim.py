@@ -143,8 +143,9 @@ class Simulation(Executor):
 
         The federated run's budget in client updates: rounds × clients per round
         (sync), arrivals (async), rounds × training clients (hier: every member of
-        every group takes part, each doing the round's ``train.steps``; an upper
-        bound when some are offline); each update is ``train.steps`` × batch. Training is cut
+        every group takes part, in one intra-group round of ``train.steps``; more
+        when groups plan τ_g > 1, fewer when some are offline); each update is
+        ``train.steps`` × batch. Training is cut
         into as many chunks as the federated run has evaluation points (rounds,
         or arrivals / ``eval.every``), each with a fresh AdamW (as a client's
         update has), and evaluated after each chunk (``every_chunk``) or only
@@ -210,8 +211,9 @@ class Simulation(Executor):
             self.client_states[cid] = result.state
         bytes_down, bytes_up = state_bytes(inst.state), state_bytes(update.state)
         update, fault = self.faults.apply(update, expected, event)
+        lan = self.cfg.federation.lan_mbps if inst.link == "lan" else None
         duration = self.costs.duration(
-            cid, plan, update.metrics, bytes_down, bytes_up, event
+            cid, plan, update.metrics, bytes_down, bytes_up, event, lan
         )
         return ClientRun(cid, expected, update, duration, bytes_up, fault)
 

@@ -28,8 +28,7 @@ Algorithm (deterministic):
 Each candidate is scored in one vectorised step over all j, so a pass costs
 O(n²·C) arithmetic for n clients and C categories (sketch dimensions).
 
-:func:`random_groups` is the balanced random baseline, and :func:`non_iid_degree`
-measures how different a group's members are from their pooled distribution.
+:func:`random_groups` is the balanced random baseline.
 """
 
 from __future__ import annotations
@@ -209,18 +208,6 @@ def random_groups(num_clients: int, num_groups: int, seed: int = 0) -> list[list
     perm = np.random.default_rng(seed).permutation(num_clients)
     bounds = np.cumsum([0, *sizes])
     return [sorted(perm[bounds[g] : bounds[g + 1]].tolist()) for g in range(num_groups)]
-
-
-def non_iid_degree(histograms: np.ndarray, members: Sequence[int]) -> float:
-    """δ_g = Σ_{k∈g} (n_k / n_g) · KL(P_k ‖ P_g): how far the members' own label
-    distributions are from their group's pooled one (0 when all are alike)."""
-    h = np.asarray(histograms, dtype=float)[list(members)]
-    n = h.sum(1)
-    if n.sum() <= 0:
-        return 0.0
-    pooled = h.sum(0) / n.sum()
-    own = h / np.where(n > 0, n, 1.0)[:, None]
-    return float(np.sum(n / n.sum() * kl_to(own, pooled)))
 
 
 def _as_arrays(masses: np.ndarray, weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:

@@ -5,9 +5,9 @@ distribution is close to the global one (:mod:`fedhet.strategies.grouping`).
 A global round r (strategy mode ``"hier"``, driven by
 :mod:`fedhet.runtime.driver`) is, for every group g with members online:
 
-    x_g ← x                                  (the group downloads the global adapter)
-    repeat K_g = H / τ_g times:              (stages)
-        x_k ← τ_g local steps of member k from x_g, training only the top d_g blocks
+    x_g ← x                                  (the group aggregator downloads the global adapter)
+    repeat τ_g times:                        (intra-group rounds, over the group's LAN)
+        x_k ← E local steps of member k from x_g, training only the top d_g blocks
         x_g ← Σ_k n_k x_k / Σ_k n_k          (intra-group FedAvg of A and B, top d_g blocks)
 
 and then the server aggregates across groups block by block, over the groups
@@ -16,14 +16,22 @@ that trained the block, with data-size weights n_g = Σ_{k∈g} n_k:
     x[ℓ] ← Σ_{g: ℓ ∈ top(d_g)} n_g x_g[ℓ] / Σ_{g: ℓ ∈ top(d_g)} n_g
     (blocks no group trained keep their value).
 
-H is the run's local steps per round (``train.steps``), so every member does as
-many steps per round as a FedIT client. (τ_g, d_g) come from
-:mod:`fedhet.strategies.hier_planner` (cost model and convergence proxy are
-documented there), planned over all members of each group (online or not) and
-re-planned every ``replan_every`` rounds with the members' observed /
-estimated duration ratios. Blocks below the top d_g get no
-``requires_grad`` tensor, so members neither backpropagate through them nor
-send them.
+E is the run's local steps (``train.steps``): each intra-group round is an
+ordinary local update, with a fresh AdamW as in every FedIT round, so τ_g = 1
+at full depth is FedIT within the group, and a group of faster members can run
+more intra-group rounds in the time a slower group runs one (the coupling the
+paper exploits). (τ_g, d_g) come from :mod:`fedhet.strategies.hier_planner`
+(cost model, progress model and search are documented there), re-planned every
+``replan_every`` rounds from the members' observed / estimated duration ratios
+and the progress the groups measured: each stage's members report the loss of
+their first and last local step, and (ℓ_first − ℓ_last) / ℓ_first averaged over
+the stage is one measurement of ρ(d_g); a round's measurements refit the
+progress model at the end of the round (its fit, ``progress_a`` and
+``progress_b``, is in every metrics row; the plans are in the rows' ``groups``).
+Blocks below the top d_g get no ``requires_grad`` tensor, so members neither
+backpropagate through them nor send them. Members talk to their group
+aggregator over the LAN (``Instruction.link = "lan"``, ``federation.lan_mbps``);
+the aggregator talks to the server over ``federation.group_*_mbps``.
 
 Privacy: with ``grouping="kl"`` (default) clients share only their
 label/category histogram (counts per class), once, for grouping; no sample
@@ -36,10 +44,10 @@ mean (squared L2 objective, same greedy + local search). ``grouping="random"``
 is the balanced random baseline.
 
 Choices the paper leaves open (parameters, defaults): G = 4 groups (capped at
-the number of clients); τ among the divisors of H; the planner's β = 0.5,
-κ = 0.5, floor = 0.5 and ``memory_fraction`` = 1 (the share of a device's
-memory fine-tuning may use); re-plan every 5 rounds, EMA weight 0.5 for the
-duration ratios. Every online member of a group takes part in every round
+the number of clients); τ ∈ {1, 2, 3, 4}; the progress prior b₀ = 0.5 with
+weight 1, measurement EMA η = 0.5; ``memory_fraction`` = 1 (the share of a
+device's memory fine-tuning may use); re-plan every round; EMA weight 0.5 for
+the duration ratios. Every online member of a group takes part in every round
 (``federation.clients_per_round`` is not used).
 """
 
@@ -62,8 +70,15 @@ from fedhet.protocol import (
     Instruction,
 )
 from fedhet.strategies.base import Strategy, data_weights, weighted_average
-from fedhet.strategies.grouping import balanced_groups, non_iid_degree, random_groups
-from fedhet.strategies.hier_planner import Choice, Member, Policy, member_time, plan_groups
+from fedhet.strategies.grouping import balanced_groups, random_groups
+from fedhet.strategies.hier_planner import (
+    Choice,
+    Member,
+    Policy,
+    ProgressModel,
+    member_time,
+    plan_groups,
+)
 
 
 @torch.no_grad()
@@ -97,10 +112,10 @@ class HierFedLoRA(Strategy):
         depths: list[int] | None = None,
         planner: Policy = "joint",
         depth_exponent: float = 0.5,
-        drift: float = 0.5,
-        progress_floor: float = 0.5,
+        prior_weight: float = 1.0,
+        progress_ema: float = 0.5,
         memory_fraction: float = 1.0,
-        replan_every: int = 5,
+        replan_every: int = 1,
         ema: float = 0.5,
         sketch_dim: int = 64,
         seed: int = 0,
@@ -111,22 +126,22 @@ class HierFedLoRA(Strategy):
             raise ValueError(f"hierfedlora: grouping {grouping!r} not in kl, updates, random")
         if planner not in ("joint", "max_depth"):
             raise ValueError(f"hierfedlora: planner {planner!r} not in joint, max_depth")
-        if depth_exponent < 0 or drift < 0 or not 0 <= progress_floor <= 1:
+        if depth_exponent < 0 or prior_weight < 0:
+            raise ValueError("hierfedlora: depth_exponent and prior_weight must be ≥ 0")
+        if not 0 < memory_fraction <= 1 or not 0 < ema <= 1 or not 0 < progress_ema <= 1:
             raise ValueError(
-                "hierfedlora: depth_exponent, drift must be ≥ 0; progress_floor in [0, 1]"
+                "hierfedlora: memory_fraction, ema and progress_ema must lie in (0, 1]"
             )
-        if not 0 < memory_fraction <= 1 or not 0 < ema <= 1:
-            raise ValueError("hierfedlora: memory_fraction and ema must lie in (0, 1]")
         if replan_every < 1 or sketch_dim < 1:
             raise ValueError("hierfedlora: replan_every and sketch_dim must be ≥ 1")
         self.num_groups = num_groups
         self.grouping = grouping
-        self.taus = taus
+        self.taus = [1, 2, 3, 4] if taus is None else list(taus)
         self.depths = depths
         self.planner = planner
         self.depth_exponent = depth_exponent
-        self.drift = drift
-        self.progress_floor = progress_floor
+        self.prior_weight = prior_weight
+        self.progress_ema = progress_ema
         self.memory_fraction = memory_fraction
         self.replan_every = replan_every
         self.ema = ema
@@ -156,31 +171,14 @@ class HierFedLoRA(Strategy):
         self.ratio: dict[int, float] = {}
         self.sketches: dict[int, np.ndarray] = {}
         self.choices: list[Choice] = []
+        self.rate = ProgressModel(
+            self.num_layers, self.depth_exponent, self.prior_weight, self.progress_ema
+        )
+        self._measured: list[tuple[int, float]] = []  # this round's (depth, ρ) measurements
         self._cost: CostModel | None = None
         self._projection: torch.Tensor | None = None
         self._holding: dict[int, set[int]] = {}  # per group: members holding this round's blocks
         return state
-
-    def non_iid_degrees(self) -> list[float]:
-        """δ_g of every group: the members' mean KL to the group's pooled label
-        distribution; with ``grouping="updates"`` (no histograms shared) the share
-        of the members' update-sketch energy that deviates from the group mean,
-        Σ n_k‖u_k − ū_g‖² / Σ n_k‖u_k‖² (0 before any sketch)."""
-        if self.grouping != "updates":
-            index = {cid: i for i, cid in enumerate(self.ids)}
-            return [non_iid_degree(self.histograms, [index[c] for c in g]) for g in self.groups]
-        degrees = []
-        for g in self.groups:
-            known = [c for c in g if c in self.sketches]
-            if not known:
-                degrees.append(0.0)
-                continue
-            u = np.stack([self.sketches[c] for c in known])
-            n = np.array([self.clients[c].num_samples for c in known], dtype=float)
-            spread = n @ ((u - np.average(u, axis=0, weights=n)) ** 2).sum(1)
-            energy = n @ (u**2).sum(1)
-            degrees.append(float(spread / energy) if energy > 0 else 0.0)
-        return degrees
 
     def _regroup_by_updates(self) -> None:
         """Balanced groups whose mean update sketch is close to the overall mean."""
@@ -211,20 +209,15 @@ class HierFedLoRA(Strategy):
         if not self.choices or (rnd - 1) % self.replan_every == 0:
             if self.grouping == "updates" and rnd > 1:
                 self._regroup_by_updates()
-            groups = [
-                ([self._member(c) for c in g], delta)
-                for g, delta in zip(self.groups, self.non_iid_degrees(), strict=True)
-            ]
+            groups = [[self._member(c) for c in g] for g in self.groups]
             try:
                 self.choices = plan_groups(
                     groups,
                     cost,
+                    self.rate,
                     taus=self.taus,
                     depths=self.depths,
                     policy=self.planner,
-                    depth_exponent=self.depth_exponent,
-                    drift=self.drift,
-                    floor=self.progress_floor,
                 )
             except ValueError as err:
                 raise FedhetError(f"strategy.params (hierfedlora): {err}") from err
@@ -250,22 +243,21 @@ class HierFedLoRA(Strategy):
     def configure_group(
         self, rnd: int, group: GroupRound, stage: int, state: AdapterState
     ) -> list[Instruction]:
-        """τ local steps on the top d blocks from the group state: the whole
-        adapter at the first stage, afterwards only the trained blocks to the
-        members whose update of this round arrived (they hold the lower blocks;
-        one that crashed gets the whole adapter again)."""
+        """E local steps on the top d blocks from the group state, over the LAN: the
+        whole adapter at the first intra-group round, afterwards only the trained
+        blocks to the members whose update of this round arrived (they hold the
+        lower blocks; one that crashed gets the whole adapter again)."""
         if stage == 0:
             self._holding[group.group] = set()
         holding = self._holding.get(group.group, set())
         trained = select_layers(state, group.layers)
         plan = {
-            "steps": group.tau,
             "trainable_layers": list(group.layers),
             "upload_keys": list(trained),
             "send": "state",
         }
         return [
-            Instruction(cid, dict(trained if cid in holding else state), dict(plan))
+            Instruction(cid, dict(trained if cid in holding else state), dict(plan), link="lan")
             for cid in group.members
         ]
 
@@ -273,11 +265,19 @@ class HierFedLoRA(Strategy):
         self, group: GroupRound, stage: int, state: AdapterState, updates: list[ClientUpdate]
     ) -> AdapterState:
         """Intra-group FedAvg of the trained blocks (validated updates only);
-        records duration ratios (``metrics["duration"]``) and update sketches."""
+        records duration ratios (``metrics["duration"]``), the stage's progress
+        measurement (module docstring) and update sketches."""
         if not updates:
             return state
         for u in updates:
             self._observe(group, stage, state, u)
+        decreases = [
+            (u.metrics["first_loss"] - u.metrics["last_loss"]) / u.metrics["first_loss"]
+            for u in updates
+            if u.metrics.get("first_loss", 0) > 0 and "last_loss" in u.metrics
+        ]
+        if decreases:
+            self._measured.append((group.depth, float(np.mean(decreases))))
         self._holding.setdefault(group.group, set()).update(u.client_id for u in updates)
         averaged = weighted_average([u.state for u in updates], data_weights(updates))
         return {**state, **averaged}
@@ -289,7 +289,7 @@ class HierFedLoRA(Strategy):
         seconds = update.metrics.get("duration")
         if seconds is not None and self._cost is not None:
             member = Member(cid, self.clients[cid].flops, 0.0)
-            estimate = member_time(self._cost, member, group.tau, group.depth, stage == 0)
+            estimate = member_time(self._cost, member, group.depth, stage == 0)
             if estimate > 0:
                 old = self.ratio.get(cid, 1.0)
                 self.ratio[cid] = (1 - self.ema) * old + self.ema * seconds / estimate
@@ -310,8 +310,15 @@ class HierFedLoRA(Strategy):
     def aggregate_groups(
         self, rnd: int, state: AdapterState, results: list[GroupResult]
     ) -> AdapterState:
-        """Cross-group, block-wise, data-weighted (:func:`layerwise_average`)."""
+        """Cross-group, block-wise, data-weighted (:func:`layerwise_average`); the
+        round's progress measurements refit the progress model."""
+        self.rate.observe_round(self._measured)
+        self._measured = []
         return layerwise_average(state, results)
+
+    def metrics(self) -> dict[str, float]:
+        """The progress model's fit ρ(d) = a·(d/L)^b (every metrics row)."""
+        return {"progress_a": self.rate.a, "progress_b": self.rate.b}
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -319,6 +326,8 @@ class HierFedLoRA(Strategy):
             "choices": [asdict(c) for c in self.choices],
             "ratio": dict(self.ratio),
             "sketches": {c: s.tolist() for c, s in self.sketches.items()},
+            "progress": self.rate.state_dict(),
+            "measured": list(self._measured),
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -326,6 +335,8 @@ class HierFedLoRA(Strategy):
         self.choices = [Choice(**c) for c in sd["choices"]]
         self.ratio = dict(sd["ratio"])
         self.sketches = {int(c): np.array(s) for c, s in sd["sketches"].items()}
+        self.rate.load_state_dict(sd["progress"])
+        self._measured = [tuple(m) for m in sd["measured"]]
 
 
 __all__ = ["HierFedLoRA", "layerwise_average"]
