@@ -85,6 +85,13 @@ class CountingSimulation(Simulation):
         row = super().evaluate(strategy, state, final=final)
         return row | {"scoring_tokens": self.scoring_tokens, "client_tokens": self.client_tokens}
 
+    def state_dict(self) -> dict[str, Any]:  # the counts survive a resume
+        return super().state_dict() | {"counts": (self.scoring_tokens, self.client_tokens)}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        super().load_state_dict(sd)
+        self.scoring_tokens, self.client_tokens = sd["counts"]
+
 
 def scoring_share(run: Run) -> float | None:
     """Percentage of all client tokens spent in scoring passes (last evaluated row)."""

@@ -144,7 +144,8 @@ def test_local_evaluation_uses_the_clients_own_non_gal_layers_and_state_round_tr
     assert {k: float(v[0, 0]) for k, v in merged.items()} == {
         k: 5.0 if layer_index(k) in (1, 3) else 7.0 for k in merged
     }
-    assert strategy.evaluation_state(_state(5.0)) is not None
+    server = _state(5.0)
+    assert strategy.evaluation_state(server) is server  # global: the server's state
     copy = _strategy()
     copy.load_state_dict(strategy.state_dict())
     assert copy.global_layers() == [1, 3] and copy.selected_round == strategy.selected_round

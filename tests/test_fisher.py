@@ -10,11 +10,11 @@ from fedhet.client.fisher import (
     LAYER_SCORES,
     FisherSession,
     ScoreTracker,
-    at_initial_adapter,
     frozen_layers,
     neuron_masks,
     per_sample_fisher,
     per_sample_loss,
+    untrained_layers,
 )
 from fedhet.client.loss import target_nll
 from fedhet.data import encode, load_source
@@ -233,15 +233,25 @@ def test_loss_proxy_scores_each_sample_by_its_own_loss(lm_setup):
 def test_observations_at_the_initial_adapter_are_skipped(lm_setup):
     lm, _, pad = lm_setup
     init = lm.init_state(0)  # B = 0
-    assert at_initial_adapter(init)
+    assert untrained_layers(init) == set(range(lm.num_layers))
     tracker = ScoreTracker(lm.num_layers, 0.9)
     grads = {k: torch.ones_like(v) for k, v in init.items()}
     tracker.observe(init, grads)
     assert tracker.neuron == {} and tracker.layer["sensitivity"] is None
     trained = {k: v + 0.01 for k, v in init.items()}
-    assert not at_initial_adapter(trained)
+    assert untrained_layers(trained) == set()
     tracker.observe(trained, grads)
     assert (tracker.layer["sensitivity"] > 0).all()
+    # a block never trained by this client (B = 0 there) is skipped, the others move
+    half = {k: v if ".layers.0." in k and ".lora_B." in k else v + 0.01 for k, v in init.items()}
+    assert untrained_layers(half) == {0}
+    fresh = ScoreTracker(lm.num_layers, 0.9)
+    fresh.observe(half, grads)
+    assert fresh.layer["fisher"][0].isnan() and fresh.layer["fisher"][1] > 0
+    # a frozen block (no gradient) keeps its score instead of decaying
+    before = tracker.layer["fisher"].clone()
+    tracker.observe(trained, {k: g for k, g in grads.items() if ".layers.1." in k})
+    assert tracker.layer["fisher"][0] == before[0] and tracker.layer["fisher"][1] != before[1]
     # a client's first update from the initial adapter: the scoring pass at B = 0 feeds
     # nothing, so its layer report comes only from optimiser steps after the first
     lm.load_state(init)
@@ -258,6 +268,7 @@ def test_layer_sparse_update_freezes_layers_and_charges_only_their_backward(tiny
     start = {k: v + 0.01 for k, v in lm.init_state(1).items()}
     assert frozen_layers(None, [0, 1], 0.5) == []  # no scores yet: every layer trains
     assert frozen_layers(torch.tensor([1.0, 3.0]), [0, 1], 0.5) == [0]
+    assert frozen_layers(torch.tensor([float("nan"), 3.0]), [0, 1], 0.5) == [1]  # unobserved
     cache = {"layer_fisher": torch.tensor([1.0, 3.0])}  # layer 1 matters more
     seen = []
     original = lm.set_trainable

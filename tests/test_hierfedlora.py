@@ -130,6 +130,10 @@ def test_depths_differ_across_groups_with_different_memory():
     assert small_choice.depth <= 2 < large_choice.depth
     # the shallow group needs more intra-group rounds for one FedIT round's progress
     assert small_choice.tau >= 2
+    ablation = HierFedLoRA(num_groups=1, full_depth=True)  # memory ignored: every group at L
+    ablation.initialize(_state(4), [ClientInfo(0, 5, 1e12, 1.25e9, {"a": 5})])
+    (planned,) = ablation.plan_round(1, [0], cost)
+    assert planned.depth == 4 and max_depth(cost, [Member(0, 1e12, 1.25e9)]) == 2
     (deepest,) = plan_groups([small], cost, ProgressModel(4), policy="max_depth")
     assert (deepest.depth, deepest.tau, deepest.stages) == (2, 1, 1)
     with pytest.raises(ValueError, match="taus"):
@@ -211,6 +215,8 @@ def test_replanning_uses_observed_durations_and_progress_and_state_round_trips()
     metrics = {"duration": 1e3, "first_loss": 2.0, "last_loss": 1.5}  # far slower than estimated
     strategy.aggregate_group(plan, 0, group_state, [ClientUpdate(0, trained, 5, metrics=metrics)])
     assert strategy.ratio[0] > 1
+    rose = {"first_loss": 1.0, "last_loss": 1.2}  # noise, not progress: no measurement
+    strategy.aggregate_group(plan, 1, group_state, [ClientUpdate(1, trained, 5, metrics=rose)])
     strategy.aggregate_groups(1, group_state, [])
     assert strategy.rate.observations == [(plan.depth, 0.25, 0.5)]  # (2 − 1.5) / 2
     assert strategy.metrics()["progress_a"] == strategy.rate.a

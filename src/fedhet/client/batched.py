@@ -131,6 +131,7 @@ def lockstep_updates(
         clip = partial(_clip_per_client, params, plan.max_grad_norm)
 
     loss_sums = torch.zeros(G, device=device)
+    step_losses = []  # per step, each client's summed micro-batch losses (first, last reported)
     tokens = [0] * G
     owner = torch.zeros(0, dtype=torch.long)
     hooks = _route(lm, stacks, scaling, lambda: owner)
@@ -139,6 +140,7 @@ def lockstep_updates(
     try:
         with lm.model.disable_adapter():
             for _ in range(plan.steps):
+                step_loss = torch.zeros(G, device=device)
                 for _ in range(plan.grad_accum):
                     parts = [next(s) for s in streams]
                     for c, b in enumerate(parts):
@@ -149,8 +151,10 @@ def lockstep_updates(
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                         nll, rows = target_nll(lm.model, batch)
                     per_client = _client_means(nll, owner[rows], G)
-                    loss_sums += per_client.detach()
+                    step_loss += per_client.detach()
                     (per_client.sum() / plan.grad_accum).backward()
+                loss_sums += step_loss
+                step_losses.append(step_loss)
                 masked_step(params, masks, frozen_copy, optimizer, scheduler, clip)
     finally:
         for hook in hooks:
@@ -169,6 +173,8 @@ def lockstep_updates(
         n_data = len(j.examples) if j.plan.sample_indices is None else len(j.plan.sample_indices)
         metrics = {
             "train_loss": float(loss_sums[c]) / micro_batches,
+            "first_loss": float(step_losses[0][c]) / plan.grad_accum if step_losses else 0.0,
+            "last_loss": float(step_losses[-1][c]) / plan.grad_accum if step_losses else 0.0,
             "tokens": float(tokens[c]),
             "steps": float(plan.steps),
             "seconds": seconds,

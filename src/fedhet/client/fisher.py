@@ -42,12 +42,17 @@ Choices the paper leaves open:
   pass's tokens are reported apart (``scoring_tokens``); the virtual clock
   charges a Fisher pass as a forward and a backward through every block, a loss
   pass as a forward (:mod:`fedhet.runtime.cost`).
-* Warm-up: an observation taken where every LoRA B factor is zero (the initial
-  adapter) carries no layer or A-neuron signal (θ_B = 0 makes θ_B·g_B = 0 and
-  ∂L/∂A ∝ B = 0), so it is skipped for the neuron and layer scores; a client's
-  first local update from the initial adapter therefore scores layers from its
-  optimiser steps after the first (B ≠ 0). Sample difficulties are unaffected
-  (∂ℓ_i/∂B ≠ 0 at B = 0).
+* Warm-up: in a block whose LoRA B factors are all zero (LoRA's initial adapter,
+  or a block a client has never trained) a gradient carries no layer or A-neuron
+  signal (θ_B = 0 makes θ_B·g_B = 0 and ∂L/∂A ∝ B = 0), so such blocks are
+  skipped in that observation; a client's first local update from the initial
+  adapter therefore scores layers from its optimiser steps after the first
+  (B ≠ 0). Only observed blocks move; a block never observed scores NaN (reported
+  as 0, ranked first for training), so a frozen block keeps its score rather
+  than decaying toward 0. Sample difficulties are still computed at B = 0 when a
+  client first scores there: the Fisher trace then covers only ∂ℓ_i/∂B, which
+  ``benchmarks/bench_fibecfed_scoring.py`` finds unrelated to the sample's loss
+  (the paper's choice; ``score_with="loss"`` does not have this blind spot).
 
 The smoothed statistics are client state: they live in the client's cache (a
 plain dict the runtime keeps per client and checkpoints, see
@@ -232,11 +237,15 @@ def per_sample_loss(
 # ---------------------------------------------------------------------------
 
 
-def at_initial_adapter(theta: Grads) -> bool:
-    """Whether every LoRA B factor in ``theta`` is zero (LoRA's initial adapter: no
-    layer or A-neuron signal in a gradient taken there)."""
-    b_factors = [v for k, v in theta.items() if not is_lora_a(k)]
-    return bool(b_factors) and all(not bool(v.detach().any()) for v in b_factors)
+def untrained_layers(theta: Grads) -> set[int]:
+    """The blocks whose LoRA B factors in ``theta`` are all zero (as at LoRA's
+    initial adapter): a gradient taken there carries no layer or A-neuron signal."""
+    nonzero: dict[int, bool] = {}
+    for key, value in theta.items():
+        if not is_lora_a(key):
+            layer = layer_index(key)
+            nonzero[layer] = nonzero.get(layer, False) or bool(value.detach().any())
+    return {layer for layer, any_nonzero in nonzero.items() if not any_nonzero}
 
 
 class ScoreTracker:
@@ -261,22 +270,33 @@ class ScoreTracker:
     @torch.no_grad()
     def observe(self, theta: Grads, grads: Grads) -> None:
         """One gradient observation: ``grads`` by adapter key (keys absent are
-        skipped), ``theta`` the parameter values they were taken at; skipped as a
-        whole at the initial adapter (warm-up, module docstring)."""
+        skipped), ``theta`` the parameter values they were taken at. Only the
+        layers observed move: those with a gradient here whose B is not all zero
+        (warm-up, module docstring); a layer never observed scores NaN (frozen
+        layers keep their score instead of decaying)."""
+        untrained = untrained_layers(theta)
+        grads = {k: g for k, g in grads.items() if layer_index(k) not in untrained}
         some = next(iter(grads.values()), None)
-        if some is None or at_initial_adapter(theta):
+        if some is None:
             return
         sens = torch.zeros(self.num_layers, device=some.device)
         mass = torch.zeros(self.num_layers, device=some.device)
+        seen = torch.zeros(self.num_layers, dtype=torch.bool, device=some.device)
         for key, g in grads.items():
             g = g.detach().float()
             sq = g.pow(2)
             self.neuron[key] = self._ema(self.neuron.get(key), sq.sum(1))
             layer = layer_index(key)
+            seen[layer] = True
             mass[layer] += sq.sum()
             sens[layer] += (theta[key].detach().float() * g).abs().sum()
         for kind, new in (("sensitivity", sens), ("fisher", mass)):
-            self.layer[kind] = self._ema(self.layer[kind], new)
+            old = self.layer[kind]
+            if old is None or old.shape != new.shape:
+                old = torch.full_like(new, float("nan"))
+            old = old.to(new.device)
+            blended = torch.where(old.isnan(), new, self._ema(old, new))
+            self.layer[kind] = torch.where(seen, blended, old)
 
     def save(self, cache: dict[str, Any]) -> None:
         """Write the smoothed scores into the client cache (on the CPU)."""
@@ -418,7 +438,8 @@ class FisherSession:
         self.tracker.save(self.cache)
         if self.layer_score is None or self.tracker.layer[self.layer_score] is None:
             return {}
-        return {LAYER_SCORES: self.tracker.layer[self.layer_score].cpu()}
+        # a layer this client never observed reports 0 (no evidence for it)
+        return {LAYER_SCORES: self.tracker.layer[self.layer_score].nan_to_num(0.0).cpu()}
 
 
 def _needs_scores(
@@ -436,13 +457,15 @@ def frozen_layers(
     scores: torch.Tensor | None, layers: Sequence[int], keep: float
 ) -> list[int]:
     """The layer-granular sparse update: of ``layers``, all but the top
-    ⌈keep·n⌉ by ``scores`` (ties to the lower layer), sorted; none without scores."""
+    ⌈keep·n⌉ by ``scores`` (ties to the lower layer; a layer never observed, NaN,
+    counts as the top), sorted; none without scores."""
     if not 0 < keep <= 1:
         raise ValueError(f"neuron_keep must be in (0, 1], got {keep}")
     if scores is None or not layers:
         return []
     candidates = sorted(layers)
-    order = torch.argsort(-scores.float().cpu()[candidates], stable=True)
+    ranked = scores.float().cpu().nan_to_num(float("inf"))[candidates]
+    order = torch.argsort(-ranked, stable=True)
     kept = {candidates[i] for i in order[: max(1, math.ceil(keep * len(candidates) - 1e-9))]}
     return [layer for layer in candidates if layer not in kept]
 

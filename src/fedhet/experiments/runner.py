@@ -22,7 +22,9 @@ the paired comparisons hold the partition fixed.
   updates, whichever comes first: an asynchronous arm gets ``max_arrivals`` =
   4 × rounds × clients_per_round and is evaluated every ``clients_per_round ·
   eval.every`` arrivals (as many updates between evaluations as the baseline);
-  a synchronous or hierarchical arm gets 4 × the rounds.
+  a synchronous or hierarchical arm gets 4 × the rounds (a hierarchical round
+  holds τ_g intra-group rounds per group, so its cap in client updates is looser;
+  the time limit T binds it as every arm).
 * ``equal``: every arm runs the scenario's budget as written (ablations at equal
   rounds); the target is still derived from the baseline, for "time to target".
 

@@ -17,12 +17,15 @@ from fedhet.strategies.fedbuff import FedBuff
 from fedhet.strategies.fedfa import FedFa
 from fedhet.strategies.fedit import FedIT
 from fedhet.strategies.fedprox import FedProx
+from fedhet.strategies.fedsa_lora import FedSALoRA
+from fedhet.strategies.fedsvd import FedSVD
 from fedhet.strategies.ffa_lora import FFALoRA
 from fedhet.strategies.fibecfed import FibecFed
 from fedhet.strategies.flexlora import FlexLoRA
 from fedhet.strategies.hetlora import HetLoRA
 from fedhet.strategies.hierfedlora import HierFedLoRA
 from fedhet.strategies.robust import Robust
+from fedhet.strategies.rolora import RoLoRA
 
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
@@ -30,6 +33,9 @@ STRATEGIES: dict[str, type[Strategy]] = {
         FedIT,
         FedProx,
         FFALoRA,
+        FedSALoRA,
+        RoLoRA,
+        FedSVD,
         FedAsync,
         FedBuff,
         FedFa,
@@ -62,11 +68,14 @@ __all__ = [
     "FedFa",
     "FedIT",
     "FedProx",
+    "FedSALoRA",
+    "FedSVD",
     "FibecFed",
     "FlexLoRA",
     "HetLoRA",
     "HierFedLoRA",
     "Instruction",
+    "RoLoRA",
     "Robust",
     "Strategy",
     "build_strategy",

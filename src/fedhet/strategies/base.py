@@ -39,7 +39,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from fedhet.errors import FedhetError
-from fedhet.model.lora import AdapterState
+from fedhet.model.lora import AdapterState, factor_keys, modules
 from fedhet.protocol import (
     ClientInfo,
     ClientUpdate,
@@ -72,6 +72,7 @@ class Strategy(ABC):
     keeps_local_state: ClassVar[bool] = False
     regime: ClassVar[Literal["full", "bounded"]] = "bounded"
     horizon: int | None = None
+    last_aggregation_error: float | None = None
 
     def initialize(self, state: AdapterState, clients: list[ClientInfo]) -> AdapterState:
         """Called once before training with the initial global adapter and the
@@ -128,8 +129,11 @@ class Strategy(ABC):
         return {**client_state, **state}
 
     def metrics(self) -> dict[str, float]:
-        """Figures the runtime adds to every metrics row (e.g. DP-FedAvg's ε)."""
-        return {}
+        """Figures the runtime adds to every metrics row (e.g. DP-FedAvg's ε; the
+        last round's :func:`aggregation_error` where the strategy measures it)."""
+        if self.last_aggregation_error is None:
+            return {}
+        return {"aggregation_error": self.last_aggregation_error}
 
     def state_dict(self) -> dict[str, Any]:
         """Server-side strategy state for checkpoints (tensors allowed)."""
@@ -174,6 +178,41 @@ def weighted_average(states: list[AdapterState], weights: list[float]) -> Adapte
             acc.add_(s[key].float(), alpha=w / total)
         out[key] = acc.to(states[0][key].dtype)
     return out
+
+
+@torch.no_grad()
+def aggregation_error(
+    applied: AdapterState, clients: list[AdapterState], weights: list[float]
+) -> float | None:
+    """‖ΔW_applied − Σ_k p_k ΔW_k‖_F / ‖Σ_k p_k ΔW_k‖_F over all modules together,
+    ΔW = B·A of each module and p_k = w_k / Σ_j w_j: how far the global adapter is
+    from the average of the clients' trained adapters (each client's full adapter:
+    what it trained over what it started from). The LoRA scaling α/r is the same
+    for every state of one rank and cancels; 0 when the average is 0; None when no
+    module has both factors in every state."""
+    total = float(sum(weights))
+    error, norm, measured = 0.0, 0.0, False
+    for mod in modules(applied):
+        a_key, b_key = factor_keys(mod)
+        if not all(a_key in s and b_key in s for s in (applied, *clients)):
+            continue
+        measured = True
+        target = sum(
+            (w / total) * (c[b_key].double() @ c[a_key].double())
+            for c, w in zip(clients, weights, strict=True)
+        )
+        got = applied[b_key].double() @ applied[a_key].double()
+        error += float((got - target).pow(2).sum())
+        norm += float(target.pow(2).sum())
+    if not measured:
+        return None
+    return (error / norm) ** 0.5 if norm > 0 else 0.0
+
+
+def client_states(state: AdapterState, updates: list[ClientUpdate]) -> list[AdapterState]:
+    """Each client's full adapter in a synchronous round: what it sent over the
+    global ``state`` it started from."""
+    return [{**state, **u.state} for u in updates]
 
 
 def data_weights(updates: list[ClientUpdate]) -> list[float]:

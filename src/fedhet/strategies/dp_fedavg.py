@@ -150,7 +150,7 @@ class DPFedAvg(AveragingWrapper):
 
     def metrics(self) -> dict[str, float]:
         return {
-            **self.base.metrics(),
+            **super().metrics(),
             "dp_epsilon": self.epsilon(),
             "dp_delta": self.delta,
             "clipped": self.clipped,

@@ -4,15 +4,23 @@
 
 over the clients k that replied this round. A and B are averaged separately,
 so the aggregate of ΔW is Σ p_k B_k · Σ p_k A_k, not Σ p_k B_k A_k (the
-well-known inexactness that FFA-LoRA and FlexLoRA address). All clients use the
-same rank.
+well-known inexactness that FFA-LoRA, RoLoRA, FedSVD and FlexLoRA address); its
+size, :func:`~fedhet.strategies.base.aggregation_error`, is in every metrics row.
+All clients use the same rank.
 """
 
 from __future__ import annotations
 
 from fedhet.model.lora import AdapterState
 from fedhet.protocol import ClientUpdate
-from fedhet.strategies.base import Strategy, data_weights, require_nonempty, weighted_average
+from fedhet.strategies.base import (
+    Strategy,
+    aggregation_error,
+    client_states,
+    data_weights,
+    require_nonempty,
+    weighted_average,
+)
 
 
 class FedIT(Strategy):
@@ -22,5 +30,9 @@ class FedIT(Strategy):
 
     def aggregate(self, rnd: int, state: AdapterState, updates: list[ClientUpdate]) -> AdapterState:
         require_nonempty(updates, self.name)
-        averaged = weighted_average([u.state for u in updates], data_weights(updates))
-        return {**state, **averaged}
+        weights = data_weights(updates)
+        new = {**state, **weighted_average([u.state for u in updates], weights)}
+        self.last_aggregation_error = aggregation_error(
+            new, client_states(state, updates), weights
+        )
+        return new

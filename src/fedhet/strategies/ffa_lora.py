@@ -12,7 +12,14 @@ from __future__ import annotations
 
 from fedhet.model.lora import AdapterState, is_lora_a
 from fedhet.protocol import ClientUpdate, Instruction
-from fedhet.strategies.base import Strategy, data_weights, require_nonempty, weighted_average
+from fedhet.strategies.base import (
+    Strategy,
+    aggregation_error,
+    client_states,
+    data_weights,
+    require_nonempty,
+    weighted_average,
+)
 
 
 class FFALoRA(Strategy):
@@ -27,5 +34,10 @@ class FFALoRA(Strategy):
 
     def aggregate(self, rnd: int, state: AdapterState, updates: list[ClientUpdate]) -> AdapterState:
         require_nonempty(updates, self.name)
-        b_avg = weighted_average([u.state for u in updates], data_weights(updates))
-        return {**state, **{k: v for k, v in b_avg.items() if not is_lora_a(k)}}
+        weights = data_weights(updates)
+        b_avg = weighted_average([u.state for u in updates], weights)
+        new = {**state, **{k: v for k, v in b_avg.items() if not is_lora_a(k)}}
+        self.last_aggregation_error = aggregation_error(
+            new, client_states(state, updates), weights
+        )
+        return new

@@ -13,7 +13,9 @@ the server only chooses layers and aggregates.
    samples, p(t) = pacing(t − 1; p0, T − 1) growing from p0 in round 1 to 1 in
    round T = ``pacing_rounds``, by default the run's configured rounds (the
    driver's ``horizon``), so the whole of every client's data is in use by the
-   last round (``pacing``: linear, root or geometric).
+   last round (``pacing``: linear, root or geometric). A run stopped before its
+   configured rounds (at a target or a time limit) stops before p = 1 and
+   before its last refresh round (below).
 2. Global aggregation layers (GAL). Each client reports a score per transformer
    block, the sensitivity Σ_{θ∈l} |θ·∂L/∂θ| (default) or the Fisher mass
    Σ_{θ∈l} (∂L/∂θ)², momentum-smoothed; the server normalises each report to sum
@@ -51,7 +53,8 @@ Choices the paper leaves open (each a parameter where it is a number):
 * Neuron masks are built by the client from its own smoothed scores (the server
   sends the layers to sparsify and γ, never masks or scores). GAL layers train
   all their neurons. A client with no neuron (or layer) scores yet trains every
-  neuron (layer); with the curriculum on, its first scoring pass provides them.
+  neuron (layer); its scores come from its gradient observations in blocks whose
+  B is not zero (a Fisher scoring pass and every optimiser step).
 * A layer report is used until the same client sends a newer one; malformed
   reports are ignored (logged) and never stop aggregation.
 * Ablations: ``curriculum``, ``gal`` and ``sparse`` switch the parts off. With

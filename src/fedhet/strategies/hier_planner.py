@@ -67,8 +67,8 @@ FedIT round at full depth makes; a cancels out of every comparison):
    depth, and all groups finish in similar virtual time.
 
 ``policy="max_depth"`` skips the search: the deepest block count memory allows
-and one intra-group round (with one group this is FedIT restricted to the depth
-the weakest device affords).
+and the smallest τ of ``taus`` (one intra-group round by default; with one group
+this is FedIT restricted to the depth the weakest device affords).
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ paper exploits). (τ_g, d_g) come from :mod:`fedhet.strategies.hier_planner`
 ``replan_every`` rounds from the members' observed / estimated duration ratios
 and the progress the groups measured: each stage's members report the loss of
 their first and last local step, and (ℓ_first − ℓ_last) / ℓ_first averaged over
-the stage is one measurement of ρ(d_g); a round's measurements refit the
+the stage is one measurement of ρ(d_g) (a stage whose mean is not positive, noise
+of two mini-batches, is dropped: log ρ needs ρ > 0); a round's measurements refit the
 progress model at the end of the round (its fit, ``progress_a`` and
 ``progress_b``, is in every metrics row; the plans are in the rows' ``groups``).
 Blocks below the top d_g get no ``requires_grad`` tensor, so members neither
@@ -44,7 +45,9 @@ mean (squared L2 objective, same greedy + local search). ``grouping="random"``
 is the balanced random baseline.
 
 Choices the paper leaves open (parameters, defaults): G = 4 groups (capped at
-the number of clients); τ ∈ {1, 2, 3, 4}; the progress prior b₀ = 0.5 with
+the number of clients); τ ∈ {1, 2, 3, 4} (``taus``); depths any of 1..L
+(``depths``; ``full_depth=True``: every group at L whatever its memory, an
+ablation); the progress prior b₀ = 0.5 with
 weight 1, measurement EMA η = 0.5; ``memory_fraction`` = 1 (the share of a
 device's memory fine-tuning may use); re-plan every round; EMA weight 0.5 for
 the duration ratios. Every online member of a group takes part in every round
@@ -110,6 +113,7 @@ class HierFedLoRA(Strategy):
         grouping: Literal["kl", "updates", "random"] = "kl",
         taus: list[int] | None = None,
         depths: list[int] | None = None,
+        full_depth: bool = False,
         planner: Policy = "joint",
         depth_exponent: float = 0.5,
         prior_weight: float = 1.0,
@@ -138,6 +142,7 @@ class HierFedLoRA(Strategy):
         self.grouping = grouping
         self.taus = [1, 2, 3, 4] if taus is None else list(taus)
         self.depths = depths
+        self.full_depth = full_depth
         self.planner = planner
         self.depth_exponent = depth_exponent
         self.prior_weight = prior_weight
@@ -216,7 +221,7 @@ class HierFedLoRA(Strategy):
                     cost,
                     self.rate,
                     taus=self.taus,
-                    depths=self.depths,
+                    depths=[self.num_layers] if self.full_depth else self.depths,
                     policy=self.planner,
                 )
             except ValueError as err:
@@ -276,8 +281,8 @@ class HierFedLoRA(Strategy):
             for u in updates
             if u.metrics.get("first_loss", 0) > 0 and "last_loss" in u.metrics
         ]
-        if decreases:
-            self._measured.append((group.depth, float(np.mean(decreases))))
+        if decreases and np.mean(decreases) > 0:  # a stage that did not descend says
+            self._measured.append((group.depth, float(np.mean(decreases))))  # nothing of ρ
         self._holding.setdefault(group.group, set()).update(u.client_id for u in updates)
         averaged = weighted_average([u.state for u in updates], data_weights(updates))
         return {**state, **averaged}

@@ -41,7 +41,9 @@ from fedhet.model.norms import l2_norm, update_delta
 from fedhet.protocol import ClientInfo, ClientUpdate, Instruction
 from fedhet.strategies.base import (
     Strategy,
+    aggregation_error,
     apply_delta,
+    client_states,
     data_weights,
     instantiate,
     require_nonempty,
@@ -153,7 +155,13 @@ class AveragingWrapper(Strategy):
         change = self.combine(rnd, deltas, updates)
         combined = apply_delta(reference, change) if kind == "state" else change
         single = ClientUpdate(-1, combined, num_samples=1, version=updates[0].version, kind=kind)
-        return self.base.aggregate(rnd, state, [single])
+        new = self.base.aggregate(rnd, state, [single])
+        if self.base.last_aggregation_error is not None and kind == "state":
+            # against the clients' own updates, not the one combined update
+            self.last_aggregation_error = aggregation_error(
+                new, client_states(state, updates), data_weights(updates)
+            )
+        return new
 
     def evaluation_state(
         self, state: AdapterState, client_state: AdapterState | None = None
@@ -161,7 +169,7 @@ class AveragingWrapper(Strategy):
         return self.base.evaluation_state(state, client_state)
 
     def metrics(self) -> dict[str, float]:
-        return self.base.metrics()
+        return {**self.base.metrics(), **super().metrics()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"base": self.base.state_dict(), **self.own_state()}
@@ -215,7 +223,7 @@ class Robust(AveragingWrapper):
 
     def metrics(self) -> dict[str, float]:
         own = {"clipped": self.clipped} if self.clip_norm is not None else {}
-        return {**self.base.metrics(), **own}
+        return {**super().metrics(), **own}
 
     def own_state(self) -> dict[str, Any]:
         return {"clipped": self.clipped}

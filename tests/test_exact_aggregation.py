@@ -1,0 +1,112 @@
+"""The exact-aggregation family (issue #22): RoLoRA, FedSVD, FedSA-LoRA on hand-made
+states, and the aggregation error every factor-averaging method logs."""
+
+import pytest
+import torch
+
+from fedhet.protocol import ClientUpdate
+from fedhet.runtime.sim import Simulation
+from fedhet.strategies import FedIT, FedSALoRA, FedSVD, RoLoRA
+from fedhet.strategies.base import aggregation_error
+from fedhet.strategies.fedsvd import refactor
+
+A = "m.layers.0.q.lora_A.weight"
+B = "m.layers.0.q.lora_B.weight"
+
+
+def _rand(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _product(state):
+    return state[B].double() @ state[A].double()
+
+
+def test_aggregation_error_by_hand_for_fedit():
+    start = {A: torch.zeros(1, 2), B: torch.zeros(2, 1)}
+    one = {A: torch.tensor([[1.0, 0.0]]), B: torch.tensor([[1.0], [0.0]])}
+    two = {A: torch.tensor([[0.0, 1.0]]), B: torch.tensor([[0.0], [1.0]])}
+    fedit = FedIT()
+    new = fedit.aggregate(1, start, [ClientUpdate(0, one, 1), ClientUpdate(1, two, 1)])
+    # mean(B)·mean(A) = [[.25, .25], [.25, .25]]; mean(B·A) = [[.5, 0], [0, .5]]
+    # error ‖[[−.25, .25], [.25, −.25]]‖ = 0.5 over ‖mean(B·A)‖ = √0.5
+    assert fedit.metrics()["aggregation_error"] == pytest.approx(0.5 / 0.5**0.5)
+    assert aggregation_error(new, [one, two], [1.0, 1.0]) == pytest.approx(0.5 / 0.5**0.5)
+    assert aggregation_error(start, [start], [1.0]) == 0.0
+
+
+def test_rolora_alternates_factors_and_aggregates_exactly():
+    strategy = RoLoRA()
+    state = {A: _rand(4, 6, seed=0), B: _rand(5, 4, seed=1)}
+    for rnd, trained in ((1, B), (2, A), (3, B)):
+        insts = strategy.configure(rnd, state, [0, 1])
+        frozen = "lora_A" if trained == B else "lora_B"
+        assert all(i.plan["frozen"] == (frozen,) and i.plan["upload_keys"] == [trained]
+                   for i in insts)
+        assert all(set(i.state) == {A, B} for i in insts)  # both factors go down
+        sent = [
+            ClientUpdate(c, {trained: state[trained] + _rand(*state[trained].shape, seed=9 + c)},
+                         n)
+            for c, n in ((0, 10), (1, 30))
+        ]
+        clients = [{**state, **u.state} for u in sent]
+        new = strategy.aggregate(rnd, state, sent)
+        other = A if trained == B else B
+        assert torch.equal(new[other], state[other])
+        target = 0.25 * _product(clients[0]) + 0.75 * _product(clients[1])
+        assert torch.allclose(_product(new), target, atol=1e-5)
+        assert strategy.metrics()["aggregation_error"] < 1e-6
+        state = new
+
+
+def test_fedsvd_keeps_the_product_and_gives_an_orthonormal_a():
+    state = {A: _rand(4, 9, seed=2), B: _rand(7, 4, seed=3)}
+    out = refactor(state)
+    assert torch.allclose(_product(out), _product(state), atol=1e-5)
+    assert torch.allclose(out[A] @ out[A].T, torch.eye(4), atol=1e-5)
+    norms = out[B].norm(dim=0)
+    assert (norms[:-1] >= norms[1:] - 1e-6).all()  # columns U·S by singular value
+    zero = refactor({A: _rand(4, 9, seed=4), B: torch.zeros(7, 4)})  # B = 0 at the start
+    assert torch.allclose(zero[A] @ zero[A].T, torch.eye(4), atol=1e-5)
+    assert torch.equal(zero[B], torch.zeros(7, 4))
+
+    strategy = FedSVD()
+    (inst,) = strategy.configure(1, state, [0])
+    assert inst.plan["frozen"] == ("lora_A",) and inst.plan["upload_keys"] == [B]
+    sent = [ClientUpdate(c, {B: _rand(7, 4, seed=5 + c)}, n) for c, n in ((0, 1), (1, 3))]
+    new = strategy.aggregate(1, state, sent)
+    weights = (0.25, 0.75)
+    target = sum(
+        w * (u.state[B].double() @ state[A].double()) for u, w in zip(sent, weights, strict=True)
+    )
+    assert torch.allclose(_product(new), target, atol=1e-5)
+    assert strategy.metrics()["aggregation_error"] < 1e-6
+
+
+def test_fedsa_lora_never_sends_b_down_and_keeps_it_personal():
+    state = {A: torch.ones(2, 3), B: torch.full((4, 2), 5.0)}
+    strategy = FedSALoRA()
+    (inst,) = strategy.configure(1, state, [0])
+    assert set(inst.state) == {A} and set(inst.plan["upload_keys"]) == {A, B}
+    (a_only,) = FedSALoRA(share_b=False).configure(1, state, [0])
+    assert a_only.plan["upload_keys"] == [A] and set(a_only.state) == {A}
+    sent = [ClientUpdate(0, {A: torch.zeros(2, 3), B: torch.ones(4, 2)}, 1),
+            ClientUpdate(1, {A: torch.full((2, 3), 2.0), B: torch.full((4, 2), 3.0)}, 1)]
+    new = strategy.aggregate(1, state, sent)
+    assert torch.equal(new[A], torch.ones(2, 3)) and torch.equal(new[B], torch.full((4, 2), 2.0))
+    own = {A: torch.zeros(2, 3), B: torch.full((4, 2), 7.0)}
+    local = strategy.evaluation_state(new, own)
+    assert torch.equal(local[A], new[A]) and torch.equal(local[B], own[B])
+    assert strategy.evaluation_state(new) is new
+
+
+def test_the_simulator_logs_the_aggregation_error(smoke_config):
+    common = ("federation.rounds=2", "train.batch_size=2", "data.max_length=32",
+              "eval.global_size=4", "eval.local_clients=0")
+    errors = {}
+    for name in ("fedit", "rolora", "fedsvd"):
+        run = Simulation(smoke_config(*common, f"name={name}", f"strategy.name={name}")).run()
+        rows = [r for r in run.metrics if "round" in r]
+        errors[name] = [r["aggregation_error"] for r in rows]
+    assert all(e < 1e-6 for e in errors["rolora"] + errors["fedsvd"])
+    assert errors["fedit"][-1] > 1e-4  # separate averages of A and B are not the average
