@@ -1,12 +1,20 @@
-"""The exact-aggregation family (issue #22): RoLoRA, FedSVD, FedSA-LoRA on hand-made
-states, and the aggregation error every factor-averaging method logs."""
+"""The exact-aggregation family (issue #22): FedEx-LoRA, RoLoRA, FedSVD, FedSA-LoRA on
+hand-made states, the base delta on the shared model (exact, restored, resumed, exported
+as a PEFT folder), and the aggregation error every factor-averaging method logs."""
+
+import shutil
 
 import pytest
 import torch
+from peft import PeftModel
 
+from fedhet.data import encode, load_source
+from fedhet.data.encode import collate
+from fedhet.model import load_base_model
+from fedhet.model.lora import LoraModel, LoraSpec, delta_key, state_bytes
 from fedhet.protocol import ClientUpdate
 from fedhet.runtime.sim import Simulation
-from fedhet.strategies import FedIT, FedSALoRA, FedSVD, RoLoRA
+from fedhet.strategies import FedExLoRA, FedIT, FedSALoRA, FedSVD, RoLoRA
 from fedhet.strategies.base import aggregation_error
 from fedhet.strategies.fedsvd import refactor
 
@@ -110,3 +118,78 @@ def test_the_simulator_logs_the_aggregation_error(smoke_config):
         errors[name] = [r["aggregation_error"] for r in rows]
     assert all(e < 1e-6 for e in errors["rolora"] + errors["fedsvd"])
     assert errors["fedit"][-1] > 1e-4  # separate averages of A and B are not the average
+
+
+# ---------------------------------------------------------------- FedEx-LoRA and the base delta
+def test_fedex_lora_applies_exactly_the_average_of_the_clients_updates():
+    strategy = FedExLoRA()
+    state = {A: _rand(3, 5, seed=10), B: _rand(4, 3, seed=11)}
+    for rnd in (1, 2):  # the second round starts from a state holding a delta
+        (inst,) = strategy.configure(rnd, state, [0])
+        assert set(inst.state) == set(state) and inst.plan["upload_keys"] == [A, B]
+        sent = [
+            ClientUpdate(c, {A: state[A] + _rand(3, 5, seed=20 + c), B: _rand(4, 3, seed=30 + c)},
+                         n)
+            for c, n in ((0, 1), (1, 3))
+        ]
+        new = strategy.aggregate(rnd, state, sent)
+        old = state.get(delta_key("m.layers.0.q"), torch.zeros(4, 5)).double()
+        target = sum(
+            w * (u.state[B].double() @ u.state[A].double())
+            for u, w in zip(sent, (0.25, 0.75), strict=True)
+        ) + old
+        got = _product(new) + new[delta_key("m.layers.0.q")].double()
+        assert torch.allclose(got, target, atol=1e-5)
+        assert torch.allclose(new[A], 0.25 * sent[0].state[A] + 0.75 * sent[1].state[A])
+        assert strategy.metrics()["aggregation_error"] < 1e-6
+        state = new
+
+
+def test_a_base_delta_is_applied_exactly_and_w0_comes_back_bit_for_bit(tiny_model):
+    model, tok = tiny_model
+    lm = LoraModel(model, LoraSpec(rank=4, alpha=8))
+    mod = lm.modules[0]
+    weight = lm._layers[mod].base_layer.weight  # noqa: SLF001 (the shared model's W0)
+    w0 = weight.detach().clone()
+    init = lm.init_state(0)
+    delta = _rand(*w0.shape, seed=40) * 1e-2
+    lm.load_state({**init, delta_key(mod): delta})
+    assert torch.allclose(weight, w0 + (8 / 4) * delta, atol=1e-7)
+    lm.load_state(init)
+    assert torch.equal(weight, w0)
+    with pytest.raises(KeyError, match="not in the model"):
+        lm.load_state({**init, delta_key("nope.layers.0.q"): delta})
+
+
+def test_fedex_lora_resumes_bit_identically_and_its_peft_folder_gives_the_same_logits(
+    smoke_config,
+):
+    common = ("strategy.name=fedex-lora", "federation.rounds=2", "train.batch_size=2",
+              "data.max_length=32", "eval.global_size=4", "eval.local_clients=0")
+    sim = Simulation(smoke_config(*common, "name=fedex"))
+    full = sim.run()
+    deltas = {k for k in full.state if k.endswith(".base_delta")}
+    assert deltas and all(r["aggregation_error"] < 1e-5 for r in full.metrics if "round" in r)
+    rows = [r for r in full.metrics if "round" in r]
+    factors = state_bytes({k: v for k, v in full.state.items() if k not in deltas})
+    per_client_down = rows[-1]["bytes_down"] - rows[0]["bytes_down"]  # round 2 sends E too
+    assert per_client_down == rows[-1]["clients"] * state_bytes(full.state) > factors
+
+    cut = full.run_dir.parent / "cut"
+    shutil.copytree(full.run_dir, cut)
+    (cut / "checkpoints" / "ckpt-00000002.pt").unlink()
+    resumed = Simulation(smoke_config(*common, "name=cut")).run(resume=True)
+    assert set(resumed.state) == set(full.state)
+    assert all(torch.equal(full.state[k], resumed.state[k]) for k in full.state)
+
+    # the PEFT folder (E folded into factors of the rank it needs) reproduces the model
+    batch = collate(encode(load_source("dolly", limit=4), sim.tokenizer, 32), sim.pad_id)
+    sim.lm.load_state(full.state)
+    with torch.no_grad():
+        ours = sim.lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    sim.lm.restore_base()
+    fresh, _ = load_base_model("tiny")
+    peft = PeftModel.from_pretrained(fresh, str(full.run_dir / "final_adapter"))
+    with torch.no_grad():
+        theirs = peft(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    assert (ours - theirs).abs().max() <= 1e-5

@@ -8,6 +8,15 @@ For a LoRA module with rank r: ``A`` is ``r × d_in``, ``B`` is ``d_out × r`` a
 the update is ``ΔW = (alpha / r) · B A``. A state carries its own ranks in its
 tensor shapes; the scaling ``alpha / r`` always follows the state's rank.
 
+A global model may also carry a **base delta** per module, key
+``<module>.base_delta``: a dense ``d_out × d_in`` matrix E in the units of B·A, so
+that the module's weight is ``W0 + (alpha / r) · E`` with r the state's rank of
+that module (exact-aggregation methods such as FedEx-LoRA keep there what the
+factors cannot hold). :meth:`LoraModel.load_state` applies it to the shared
+model exactly (from a kept copy of W0) and restores W0 exactly for a state
+without one; :func:`fold_base_delta` turns it into LoRA factors of the rank it
+needs for a PEFT folder.
+
 One model, many ranks. :class:`LoraModel` allocates every module at the largest
 rank any client will use (``max_rank``). A client of rank r < max_rank is loaded
 by zero-padding its factors (rows r: of A and columns r: of B are zero) and
@@ -40,6 +49,7 @@ AdapterState = dict[str, torch.Tensor]
 _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 _A_SUFFIX = ".lora_A.weight"
 _B_SUFFIX = ".lora_B.weight"
+_DELTA_SUFFIX = ".base_delta"
 
 
 class LoraSpec(BaseModel):
@@ -80,6 +90,25 @@ def is_lora_a(key: str) -> bool:
     return key.endswith(_A_SUFFIX)
 
 
+def is_base_delta(key: str) -> bool:
+    return key.endswith(_DELTA_SUFFIX)
+
+
+def delta_key(module: str) -> str:
+    """The key of a module's base delta (module docstring)."""
+    return module + _DELTA_SUFFIX
+
+
+def base_deltas(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The base deltas of a state, by module."""
+    return {k[: -len(_DELTA_SUFFIX)]: v for k, v in state.items() if is_base_delta(k)}
+
+
+def factors_only(state: Mapping[str, torch.Tensor]) -> AdapterState:
+    """The state without its base deltas."""
+    return {k: v for k, v in state.items() if not is_base_delta(k)}
+
+
 def factor_keys(module: str) -> tuple[str, str]:
     """(A key, B key) of a module."""
     return module + _A_SUFFIX, module + _B_SUFFIX
@@ -94,14 +123,14 @@ def layer_index(key: str) -> int:
 
 
 def modules(state: Mapping[str, torch.Tensor]) -> list[str]:
-    """Module names present in a state, in key order, each once."""
-    return list(dict.fromkeys(module_name(k) for k in state))
+    """Module names of a state's LoRA factors, in key order, each once."""
+    return list(dict.fromkeys(module_name(k) for k in state if not is_base_delta(k)))
 
 
 def ranks(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
     """Rank of each module, read from the A factor (or B when A is absent)."""
     out: dict[str, int] = {}
-    for key, tensor in state.items():
+    for key, tensor in factors_only(state).items():
         mod = module_name(key)
         out[mod] = tensor.shape[0] if is_lora_a(key) else tensor.shape[1]
     return out
@@ -131,6 +160,30 @@ def resize_rank(state: Mapping[str, torch.Tensor], rank: int | Mapping[str, int]
 def delta_weight(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
     """Dense ``ΔW = (alpha / r) B A`` of one module (for tests and small shapes)."""
     return (alpha / a.shape[0]) * (b @ a)
+
+
+@torch.no_grad()
+def fold_base_delta(
+    state: Mapping[str, torch.Tensor], alpha: float, tol: float = 1e-6
+) -> AdapterState:
+    """LoRA factors only, with each module's base delta folded in: the module's
+    update (alpha/r)·(B A + E) re-factored by SVD at the rank k it needs (singular
+    values above ``tol`` × the largest), B' = (k/r)·U_k S_k, A' = V_kᵀ, so that
+    (alpha/k)·B' A' is the same update. k can reach min(d_out, d_in) (a delta
+    summing many clients' residuals is full-rank); the adapter is then larger
+    than the dense matrix, which is the price of a standard PEFT folder."""
+    deltas = base_deltas(state)
+    out = factors_only(state)
+    state_ranks = ranks(out)
+    for mod, delta in deltas.items():
+        a_key, b_key = factor_keys(mod)
+        r = state_ranks[mod]
+        total = out[b_key].double() @ out[a_key].double() + delta.double()
+        u, s, vh = torch.linalg.svd(total, full_matrices=False)
+        k = max(1, int((s > tol * s[0]).sum())) if s.numel() and s[0] > 0 else 1
+        out[b_key] = ((k / r) * u[:, :k] * s[:k]).to(out[b_key].dtype)
+        out[a_key] = vh[:k].contiguous().to(out[a_key].dtype)
+    return out
 
 
 def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
@@ -190,6 +243,7 @@ class LoraModel:
         self.keys: list[str] = list(self._params)
         self.modules: list[str] = list(self._layers)
         self.num_layers = 1 + max(layer_index(k) for k in self.keys)
+        self._base_copies: dict[str, torch.Tensor] = {}  # W0 of modules holding a base delta
 
     # -- states -----------------------------------------------------------
     def init_state(self, seed: int, rank: int | Mapping[str, int] | None = None) -> AdapterState:
@@ -215,12 +269,16 @@ class LoraModel:
 
         Modules absent from ``state`` are zeroed (ΔW = 0), so a partial state
         never leaks the previous client's tensors. Each module's scaling is
-        set to ``alpha / r`` for the state's rank r.
+        set to ``alpha / r`` for the state's rank r. A module's base delta E sets
+        its weight to W0 + (alpha / r)·E (r: the allocated rank when the state has
+        no factors for it); a module without one gets W0 back, bit for bit.
         """
-        unknown = set(state) - set(self._params)
+        deltas = base_deltas(state)
+        unknown = (set(factors_only(state)) - set(self._params)) | (set(deltas) - set(self._layers))
         if unknown:
             raise KeyError(f"adapter keys not in the model: {sorted(unknown)[:3]}")
         state_ranks = ranks(state)
+        self._set_base(deltas, state_ranks)
         with torch.no_grad():
             for mod in self.modules:
                 a_key, b_key = factor_keys(mod)
@@ -237,6 +295,22 @@ class LoraModel:
                 if b_key in state:
                     pb[:, :r].copy_(state[b_key])
                 self._layers[mod].scaling["default"] = self.alpha / r
+
+    @torch.no_grad()
+    def _set_base(self, deltas: Mapping[str, torch.Tensor], state_ranks: Mapping[str, int]) -> None:
+        for mod in set(self._base_copies) - set(deltas):  # back to W0 exactly
+            self._layers[mod].base_layer.weight.copy_(self._base_copies.pop(mod))
+        for mod, delta in deltas.items():
+            weight = self._layers[mod].base_layer.weight
+            if mod not in self._base_copies:
+                self._base_copies[mod] = weight.detach().clone()
+            scale = self.alpha / state_ranks.get(mod, self.rank)
+            w0 = self._base_copies[mod]
+            weight.copy_((w0.double() + scale * delta.to(weight.device).double()).to(w0.dtype))
+
+    def restore_base(self) -> None:
+        """The base weights back to W0 (after a run that applied base deltas)."""
+        self._set_base({}, {})
 
     def state(self, rank: Mapping[str, int] | None = None) -> AdapterState:
         """A detached CPU copy of the model's adapter, truncated to ``rank``
@@ -297,9 +371,11 @@ def save_adapter(
 
     Heterogeneous ranks are written through PEFT's ``rank_pattern`` and
     ``alpha_pattern`` so that PEFT's scaling equals ``spec.alpha / r`` per module.
+    Base deltas are folded into the factors first (:func:`fold_base_delta`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    state = fold_base_delta(state, spec.alpha)
     state_ranks = ranks(state)
     default_rank = max(set(state_ranks.values()), key=list(state_ranks.values()).count)
     pattern = {_pattern_name(m): r for m, r in state_ranks.items() if r != default_rank}

@@ -51,7 +51,7 @@ from fedhet.data.federated import FederatedData, build_federated_data
 from fedhet.devices.profiles import load_fleet
 from fedhet.errors import FedhetError
 from fedhet.model.base import load_base_model, model_info
-from fedhet.model.lora import AdapterState, LoraModel, state_bytes
+from fedhet.model.lora import AdapterState, LoraModel, base_deltas, state_bytes
 from fedhet.protocol import ClientInfo, CostModel, Instruction
 from fedhet.runtime.cost import ClientCosts, client_training_bytes, planner_costs
 from fedhet.runtime.driver import Driver, RunResult
@@ -238,6 +238,10 @@ class Simulation(Executor):
     def connect(self) -> list[ClientInfo]:
         return self.infos
 
+    def close(self) -> None:
+        """The shared model's base weights back to W0 (base deltas, if any)."""
+        self.lm.restore_base()
+
     def online(self, event: int) -> list[int]:
         return np.flatnonzero(self.fleet.online(event)[: self.num_training]).tolist()
 
@@ -246,7 +250,8 @@ class Simulation(Executor):
     ) -> list[ClientRun]:
         """Run the jobs on the shared model, in lockstep groups where
         ``execution.lockstep`` allows (the deadline is the driver's to apply)."""
-        if not self._lockstep or len(jobs) < 2:
+        with_delta = any(base_deltas(inst.state) for inst, _ in jobs)  # not in lockstep
+        if not self._lockstep or len(jobs) < 2 or with_delta:
             return [self.run_client(inst, event) for inst, event in jobs]
         prepared = [self._plan(inst, event) for inst, event in jobs]
         groups = self._lockstep_groups([plan for _, plan in prepared])

@@ -14,6 +14,7 @@ from fedhet.strategies.base import Strategy, instantiate
 from fedhet.strategies.dp_fedavg import DPFedAvg
 from fedhet.strategies.fedasync import FedAsync
 from fedhet.strategies.fedbuff import FedBuff
+from fedhet.strategies.fedex_lora import FedExLoRA
 from fedhet.strategies.fedfa import FedFa
 from fedhet.strategies.fedit import FedIT
 from fedhet.strategies.fedprox import FedProx
@@ -33,6 +34,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
         FedIT,
         FedProx,
         FFALoRA,
+        FedExLoRA,
         FedSALoRA,
         RoLoRA,
         FedSVD,
@@ -65,6 +67,7 @@ __all__ = [
     "FFALoRA",
     "FedAsync",
     "FedBuff",
+    "FedExLoRA",
     "FedFa",
     "FedIT",
     "FedProx",

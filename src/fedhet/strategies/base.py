@@ -39,7 +39,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from fedhet.errors import FedhetError
-from fedhet.model.lora import AdapterState, factor_keys, modules
+from fedhet.model.lora import AdapterState, delta_key, factor_keys, modules
 from fedhet.protocol import (
     ClientInfo,
     ClientUpdate,
@@ -185,7 +185,8 @@ def aggregation_error(
     applied: AdapterState, clients: list[AdapterState], weights: list[float]
 ) -> float | None:
     """‖ΔW_applied − Σ_k p_k ΔW_k‖_F / ‖Σ_k p_k ΔW_k‖_F over all modules together,
-    ΔW = B·A of each module and p_k = w_k / Σ_j w_j: how far the global adapter is
+    ΔW = B·A (+ the module's base delta E, when the state has one) of each module
+    and p_k = w_k / Σ_j w_j: how far the global adapter is
     from the average of the clients' trained adapters (each client's full adapter:
     what it trained over what it started from). The LoRA scaling α/r is the same
     for every state of one rank and cancels; 0 when the average is 0; None when no
@@ -198,15 +199,22 @@ def aggregation_error(
             continue
         measured = True
         target = sum(
-            (w / total) * (c[b_key].double() @ c[a_key].double())
-            for c, w in zip(clients, weights, strict=True)
+            (w / total) * effective_update(c, mod) for c, w in zip(clients, weights, strict=True)
         )
-        got = applied[b_key].double() @ applied[a_key].double()
+        got = effective_update(applied, mod)
         error += float((got - target).pow(2).sum())
         norm += float(target.pow(2).sum())
     if not measured:
         return None
     return (error / norm) ** 0.5 if norm > 0 else 0.0
+
+
+def effective_update(state: AdapterState, module: str) -> torch.Tensor:
+    """B·A + E of one module in float64 (E: its base delta, when present)."""
+    a_key, b_key = factor_keys(module)
+    product = state[b_key].double() @ state[a_key].double()
+    delta = state.get(delta_key(module))
+    return product if delta is None else product + delta.double()
 
 
 def client_states(state: AdapterState, updates: list[ClientUpdate]) -> list[AdapterState]:
