@@ -12,9 +12,9 @@ from fedhet.data import encode, load_source
 from fedhet.data.encode import collate
 from fedhet.model import load_base_model
 from fedhet.model.lora import LoraModel, LoraSpec, delta_key, state_bytes
-from fedhet.protocol import ClientUpdate
+from fedhet.protocol import ClientInfo, ClientUpdate
 from fedhet.runtime.sim import Simulation
-from fedhet.strategies import FedExLoRA, FedIT, FedSALoRA, FedSVD, RoLoRA
+from fedhet.strategies import FedExLoRA, FedIT, FedSALoRA, FedSVD, FLoRA, RoLoRA
 from fedhet.strategies.base import aggregation_error
 from fedhet.strategies.fedsvd import refactor
 
@@ -112,11 +112,11 @@ def test_the_simulator_logs_the_aggregation_error(smoke_config):
     common = ("federation.rounds=2", "train.batch_size=2", "data.max_length=32",
               "eval.global_size=4", "eval.local_clients=0")
     errors = {}
-    for name in ("fedit", "rolora", "fedsvd"):
+    for name in ("fedit", "rolora", "fedsvd", "flora"):
         run = Simulation(smoke_config(*common, f"name={name}", f"strategy.name={name}")).run()
         rows = [r for r in run.metrics if "round" in r]
         errors[name] = [r["aggregation_error"] for r in rows]
-    assert all(e < 1e-6 for e in errors["rolora"] + errors["fedsvd"])
+    assert all(e < 1e-5 for e in errors["rolora"] + errors["fedsvd"] + errors["flora"])
     assert errors["fedit"][-1] > 1e-4  # separate averages of A and B are not the average
 
 
@@ -193,3 +193,37 @@ def test_fedex_lora_resumes_bit_identically_and_its_peft_folder_gives_the_same_l
     with torch.no_grad():
         theirs = peft(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     assert (ours - theirs).abs().max() <= 1e-5
+
+
+def test_flora_merges_the_stacked_product_and_restarts_the_adapter():
+    mod = "m.layers.0.q"
+    state = {A: _rand(4, 8, seed=50), B: torch.zeros(6, 4)}
+    strategy = FLoRA(rank_profile=[0.5, 0.0, 0.0, 0.5], rank_levels=[2, 2, 4, 4], seed=1)
+    strategy.initialize(state, [ClientInfo(0, 10), ClientInfo(1, 30)])
+    ranks_ = {c: strategy.ranks[c][mod] for c in (0, 1)}
+    assert sorted(ranks_.values()) == [2, 4]
+    first = {i.client_id: i for i in strategy.configure(1, state, [0, 1])}
+    for c, inst in first.items():  # a fresh adapter: B = 0, the shared seeded A's first rows
+        assert inst.state[A].shape == (ranks_[c], 8) and not inst.state[B].any()
+    assert torch.equal(first[0].state[A], first[1].state[A][: ranks_[0]]) or torch.equal(
+        first[1].state[A], first[0].state[A][: ranks_[1]]
+    )
+    sent = [
+        ClientUpdate(c, {A: _rand(ranks_[c], 8, seed=60 + c), B: _rand(6, ranks_[c], seed=70 + c)},
+                     n)
+        for c, n in ((0, 10), (1, 30))
+    ]
+    new = strategy.aggregate(1, state, sent)
+    # E = Σ p_k (R / r_k) B_k A_k: every client's update in the global scaling α/R
+    merged = sum(
+        w * (4 / ranks_[u.client_id]) * (u.state[B].double() @ u.state[A].double())
+        for u, w in zip(sent, (0.25, 0.75), strict=True)
+    )
+    assert torch.allclose(new[delta_key(mod)].double(), merged, atol=1e-5)
+    assert not new[B].any() and not torch.equal(new[A], state[A])  # a fresh adapter again
+    assert strategy.metrics() == {}  # mixed ranks: scalings differ, no error logged
+    # the next round sends E scaled to each client's rank: (α/r_k)·(r_k/R)·E = (α/R)·E
+    for inst in strategy.configure(2, new, [0, 1]):
+        r = ranks_[inst.client_id]
+        assert torch.allclose(inst.state[delta_key(mod)], new[delta_key(mod)] * (r / 4))
+        assert inst.plan["upload_keys"] == [A, B]

@@ -23,6 +23,7 @@ from fedhet.strategies.fedsvd import FedSVD
 from fedhet.strategies.ffa_lora import FFALoRA
 from fedhet.strategies.fibecfed import FibecFed
 from fedhet.strategies.flexlora import FlexLoRA
+from fedhet.strategies.flora import FLoRA
 from fedhet.strategies.hetlora import HetLoRA
 from fedhet.strategies.hierfedlora import HierFedLoRA
 from fedhet.strategies.robust import Robust
@@ -45,6 +46,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
         Robust,
         DPFedAvg,
         FlexLoRA,
+        FLoRA,
         HetLoRA,
         HierFedLoRA,
     )
@@ -74,6 +76,7 @@ __all__ = [
     "FedSALoRA",
     "FedSVD",
     "FibecFed",
+    "FLoRA",
     "FlexLoRA",
     "HetLoRA",
     "HierFedLoRA",
