@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fedhet.errors import FedhetError
-from fedhet.model.lora import factor_keys, ranks
+from fedhet.model.lora import delta_key, factor_keys, ranks
 from fedhet.protocol import ClientInfo, ClientUpdate
 from fedhet.runtime.sim import Simulation
 from fedhet.strategies import FlexLoRA, build_strategy
@@ -133,6 +133,11 @@ def _delta_w(state, mod):
     return ALPHA / a.shape[0] * b @ a
 
 
+def _product(state, mod):
+    a_key, b_key = factor_keys(mod)
+    return state[b_key].double() @ state[a_key].double()
+
+
 def test_flexlora_aggregates_and_hands_each_client_its_truncation():
     strategy = FlexLoRA(rank_profile="uniform", rank_levels=[1, 2, [2, 6], 6])
     state = {k: v.double() for k, v in _global_state(6).items()}
@@ -149,7 +154,11 @@ def test_flexlora_aggregates_and_hands_each_client_its_truncation():
     for mod in SHAPES:
         target = sum(u.num_samples / total * _delta_w(u.state, mod) for u in updates)
         assert _rel(_delta_w(new, mod), _dense_truncation(target, 6)) <= 1e-5
+        # the global model is ΔW_g itself: the truncated factors plus the base delta
+        exact = ALPHA / 6 * (new[delta_key(mod)].double() + _product(new, mod))
+        assert _rel(exact, target) <= 1e-10
         for inst in strategy.configure(2, new, [c.client_id for c in clients]):
+            assert not any(k.endswith(".base_delta") for k in inst.state)  # never sent
             r = strategy.ranks[inst.client_id][mod]
             assert ranks(inst.state)[mod] == r
             assert _rel(_delta_w(inst.state, mod), _dense_truncation(target, r)) <= 1e-5

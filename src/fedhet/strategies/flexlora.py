@@ -26,8 +26,13 @@ route); the result is the dense SVD's, up to rounding. alpha cancels: it scales
 Choices the paper leaves open:
 
 * The global model (the global state: what the runtime evaluates and saves) is
-  the truncation of ΔW_g at the shared adapter's rank R (``lora.rank``), the best
-  that adapter can hold; clients get prefixes of it (truncations nest).
+  ΔW_g itself, as the authors keep it: its truncation at the shared adapter's
+  rank R (``lora.rank``) as the factors, plus the remainder as the state's base
+  delta (:mod:`fedhet.model.lora`), E = R·(ΔW_g/alpha) − B A, so that
+  (alpha/R)·(B A + E) = ΔW_g exactly. E is formed densely (d_out × d_in per
+  module, float64). Clients get prefixes of the truncated factors only
+  (truncations nest); E is never sent. The PEFT folder holds ΔW_g at the rank it
+  needs (:func:`fedhet.model.lora.fold_base_delta`).
 * When ΔW_g has rank below R (e.g. few clients of small rank in a round), the
   missing singular directions are completed with an orthonormal basis of the
   complement (singular value 0), as a dense SVD would return: the client's A rows
@@ -46,7 +51,14 @@ from collections.abc import Sequence
 
 import torch
 
-from fedhet.model.lora import AdapterState, factor_keys, modules, ranks
+from fedhet.model.lora import (
+    AdapterState,
+    delta_key,
+    factor_keys,
+    factors_only,
+    modules,
+    ranks,
+)
 from fedhet.protocol import ClientInfo, ClientUpdate, Instruction
 from fedhet.strategies.base import Strategy
 from fedhet.strategies.ranks import RankPlan, Ranks, rescaled_prefix
@@ -137,8 +149,9 @@ class FlexLoRA(Strategy):
     def configure(self, rnd: int, state: AdapterState, client_ids: list[int]) -> list[Instruction]:
         """Each client gets the rank-r truncation: a prefix of the global factors with
         B rescaled by s_R / s_r = r / R."""
+        factors = factors_only(state)  # the base delta stays on the server
         return [
-            Instruction(cid, rescaled_prefix(state, self.ranks[cid], a_power=0.0, b_power=1.0))
+            Instruction(cid, rescaled_prefix(factors, self.ranks[cid], a_power=0.0, b_power=1.0))
             for cid in client_ids
         ]
 
@@ -157,4 +170,9 @@ class FlexLoRA(Strategy):
             # ΔW_g / alpha = U S Vᵀ  →  A = Vᵀ, B = U S / (s_R / alpha) = U S R
             out[a_key] = right.T.to(state[a_key].dtype).contiguous()
             out[b_key] = (left * (sing * big_r)).to(state[b_key].dtype)
+            # the remainder of ΔW_g beyond rank R: E = R·M − B A (module docstring)
+            pairs = zip(factors, weights, strict=True)
+            dense = sum(w * (b.double() @ a.double()) for (b, a), w in pairs)
+            kept = out[b_key].double() @ out[a_key].double()
+            out[delta_key(mod)] = (big_r * dense - kept).to(state[a_key].dtype)
         return out
