@@ -1,4 +1,4 @@
-"""Heterogeneous ranks (issue #4): FedIT at the smallest rank vs HetLoRA vs FlexLoRA.
+"""Heterogeneous ranks (issues #4, #22): FedIT at the smallest rank vs HetLoRA vs FlexLoRA vs FLoRA.
 
 Scenario S-task with heterogeneous devices (``configs/hetrank-<size>.yaml``):
 Super-NaturalInstructions, one task per client; the last 4 clients (by task name)
@@ -7,8 +7,9 @@ types (the config's ``strategy.params``). Arms, on the same data, fleet and seed
 
 * ``fedit``: FedIT with every client at the smallest rank (type 0, MLP and
   attention alike): the bucket effect;
-* ``hetlora`` and ``flexlora``: each client at its own rank; the shared adapter
-  has ``lora.rank`` = the largest rank.
+* ``hetlora``, ``flexlora`` and ``flora``: each client at its own rank; the shared
+  adapter has ``lora.rank`` = the largest rank (FlexLoRA's global model is ΔW_g
+  itself, FLoRA's the stacked products merged into the base).
 
 Budget ``equal`` by default (every arm the config's rounds: the claims here are
 about accuracy at equal rounds, not time). Reported per arm with 95 % CIs over
@@ -28,7 +29,7 @@ from fedhet.experiments import script
 from fedhet.experiments.runner import Arm
 from fedhet.experiments.tables import Column, final, summary
 
-METHODS = ("fedit", "hetlora", "flexlora")
+METHODS = ("fedit", "hetlora", "flexlora", "flora")
 
 
 def last_row(key: str):
@@ -71,19 +72,21 @@ def main() -> None:
         "fedit": ("strategy.name=fedit", "strategy.params={}", f"lora.rank={smallest}"),
         "hetlora": ("strategy.name=hetlora",),
         "flexlora": ("strategy.name=flexlora",),
+        "flora": ("strategy.name=flora",),
     }
     chosen = [Arm(n, arms[n]) for n in METHODS if n == "fedit" or n in args.methods]
     exp = script.experiment(args, "exp_hetrank", chosen, "fedit")
     results = script.run(exp, args)
     notes = [
-        f"Ranks: FedIT at the smallest rank ({smallest}) for every client; HetLoRA and "
-        f"FlexLoRA by the config's profile ({levels}). Local = each evaluated client's own "
-        "test split; unseen = the held-out clients' data, global model."
+        f"Ranks: FedIT at the smallest rank ({smallest}) for every client; HetLoRA, "
+        f"FlexLoRA and FLoRA by the config's profile ({levels}). Local = each evaluated "
+        "client's own test split; unseen = the held-out clients' data, global model."
     ]
     script.publish(
         results,
         args,
-        f"Heterogeneous ranks: FedIT (smallest rank) vs HetLoRA vs FlexLoRA ({config.stem})",
+        f"Heterogeneous ranks: FedIT (smallest rank) vs HetLoRA vs FlexLoRA vs FLoRA "
+        f"({config.stem})",
         COLUMNS,
         notes=notes,
         plot_key="loss",
