@@ -1,22 +1,25 @@
-"""FlexLoRA aggregation: factored SVD vs the dense construction, at SmolLM2-135M shapes.
+"""FlexLoRA aggregation and redistribution: ours vs the authors' procedure, SmolLM2-135M shapes.
 
 For every LoRA module of SmolLM2-135M (30 layers × q, o 576×576; k, v 192×576;
 gate, up 1536×576; down 576×1536, out × in) and N clients of mixed ranks (a
 rank profile over the paper's four client types scaled to width 576: 2, 8,
-8/56, 56), both paths compute the rank-R truncation (R = 56, the largest rank)
-of ΔW_g/alpha = Σ_k (p_k / r_k) B_k A_k in float64:
+8/56, 56), both paths compute ΔW_g/alpha = Σ_k (p_k / r_k) B_k A_k's rank-R
+truncation (R = 56) and the rank-r truncation handed to every rank r in use:
 
-* dense: form ΔW_g (one GEMM of the stacked factors), full SVD, truncate;
-* factored: :func:`fedhet.strategies.flexlora.factored_svd` (QR of the stacked
-  factors, SVD of the small core).
+* authors': as in the FlexLoRA code, each client's dense p_k/r_k · B_k A_k in
+  float32 summed into ΔW_g, one full SVD in float32, a truncation per rank;
+* ours: :func:`fedhet.strategies.flexlora.factored_svd` (thin QRs of the stacked
+  factors and an SVD of the Σr × Σr core in float64 while Σr < min(d_out, d_in);
+  beyond, one GEMM of the stacked factors and the SVD in float32), the same
+  truncations.
 
-Reported per profile and N: CPU time of each path over all modules (factor
-generation excluded; process time of one thread, so the shared machine's load
-does not inflate it), the ratio, the worst relative error between the two
-truncations at every rank handed out (2, 8, 56), Σr (the core's size), and the
-peak tensor memory of one gate_proj aggregation (torch profiler).
+Reported per profile and N: wall seconds of each path over all modules (factor
+generation excluded; ``--threads`` intra-op threads for both, side by side in one
+process), the ratio, the worst relative error of each path's rank-r
+truncations against a float64 dense reference, and Σr. Targets (issue #22):
+≥ 2× at every N, ≥ 20× while Σr < width/4, relative error ≤ 1e-5.
 
-    python benchmarks/bench_flexlora_svd.py --layers 10             # → RESULTS.md
+    python benchmarks/bench_flexlora_svd.py --layers 10 --threads 2    # → RESULTS.md
     python benchmarks/bench_flexlora_svd.py --clients 10 --layers 1 --out /tmp/b.md  # smoke
 """
 
@@ -67,56 +70,53 @@ def module_factors(shape, ranks_: list[int], seed: int):
     ]
 
 
-def dense_svd(factors, weights, rank):
-    """The reference: form ΔW_g, full SVD, truncate."""
+def authors(factors, weights, ranks_in_use):
+    """The authors' procedure: per-client dense products summed in float32, one SVD,
+    each rank's factors (B = U_r S_r, A = V_rᵀ) sliced from it."""
+    b0, a0 = factors[0]
+    total = torch.zeros(b0.shape[0], a0.shape[1], dtype=torch.float32)
+    for (b, a), w in zip(factors, weights, strict=True):
+        total.add_(b.float() @ a.float(), alpha=w)
+    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    return {r: (u[:, :r] * s[:r], vh[:r]) for r in ranks_in_use}
+
+
+def ours(factors, weights, ranks_in_use):
+    """FlexLoRA's aggregation (factored SVD at the top rank) and each rank's factors."""
+    u, s, v = factored_svd(factors, weights, max(ranks_in_use))
+    return {r: (u[:, :r] * s[:r], v[:, :r].T) for r in ranks_in_use}
+
+
+def reference(factors, weights, ranks_in_use):
+    """Float64 dense truncations T_r: the yardstick of both."""
     b_cat = torch.cat([w * b for (b, _), w in zip(factors, weights, strict=True)], 1)
-    delta = b_cat @ torch.cat([a for _, a in factors], 0)
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    return u[:, :rank], s[:rank], vh[:rank].T
+    u, s, vh = torch.linalg.svd(b_cat @ torch.cat([a for _, a in factors], 0),
+                                full_matrices=False)
+    return {r: (u[:, :r] * s[:r]) @ vh[:r] for r in ranks_in_use}
 
 
-def run_size(n: int, layers: int, profile: str, seed: int, check: list[int]) -> dict:
+def run_size(n: int, layers: int, profile: str, seed: int) -> dict:
     setup, p = client_setup(n, profile, seed)
-    top = max(max(level) for level in setup)
-    times = {"dense": 0.0, "factored": 0.0}
-    worst = 0.0
+    times = {"authors": 0.0, "ours": 0.0}
+    errors = {"authors": 0.0, "ours": 0.0}
     sum_r = {}
     for layer in range(layers):
         for i, (m, (d_out, d_in, attn)) in enumerate(MODULES.items()):
             ranks_ = [level[0] if attn else level[1] for level in setup]
             sum_r[m] = sum(ranks_)
+            in_use = sorted(set(ranks_))
             factors = module_factors((d_out, d_in), ranks_, seed=(seed * 100 + layer) * 10 + i)
             weights = [pk / r for pk, r in zip(p, ranks_, strict=True)]
-            out = {}
-            for name, fn in (("dense", dense_svd), ("factored", factored_svd)):
-                t0 = time.process_time()
-                out[name] = fn(factors, weights, top)
-                times[name] += time.process_time() - t0
-            for r in check:
-                (u1, s1, v1), (u2, s2, v2) = out["dense"], out["factored"]
-                ref = (u1[:, :r] * s1[:r]) @ v1[:, :r].T
-                got = (u2[:, :r] * s2[:r]) @ v2[:, :r].T
-                worst = max(worst, float((got - ref).norm() / ref.norm()))
-    return {"n": n, **times, "rel_err": worst, "sum_r": sum_r}
-
-
-def peak_memory(fn, n: int, profile: str, seed: int) -> float:
-    """MiB: peak of the tensors one gate_proj aggregation allocates (torch profiler,
-    allocations minus frees in time order; LAPACK's internal workspace excluded)."""
-    setup, p = client_setup(n, profile, seed)
-    ranks_ = [level[1] for level in setup]
-    factors = module_factors(MODULES["gate_proj"][:2], ranks_, seed)
-    weights = [pk / r for pk, r in zip(p, ranks_, strict=True)]
-    top = max(max(level) for level in setup)
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
-        result = fn(factors, weights, top)
-    live = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += event.self_cpu_memory_usage
-        peak = max(peak, live)
-    del result
-    return peak / 2**20
+            exact = reference(factors, weights, in_use)
+            for name, fn in (("authors", authors), ("ours", ours)):
+                t0 = time.perf_counter()
+                got = fn(factors, weights, in_use)
+                times[name] += time.perf_counter() - t0
+                for r, (b, a) in got.items():  # T_r from the handed-out factors, untimed
+                    err = float((b.double() @ a.double() - exact[r]).norm() / exact[r].norm())
+                    errors[name] = max(errors[name], err)
+    return {"n": n, **{f"t_{k}": v for k, v in times.items()},
+            **{f"e_{k}": v for k, v in errors.items()}, "sum_r": sum_r}
 
 
 def main() -> None:
@@ -129,16 +129,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="write here instead of RESULTS.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    check = sorted({r for level in scaled_levels(WIDTH) for r in level})
     rows = []
     for profile in args.profiles:
         for n in args.clients:
-            row = run_size(n, args.layers, profile, args.seed, check)
+            row = run_size(n, args.layers, profile, args.seed)
             row["profile"] = profile
-            row["mem"] = {
-                name: peak_memory(fn, n, profile, args.seed)
-                for name, fn in (("dense", dense_svd), ("factored", factored_svd))
-            }
             rows.append(row)
             print(row, flush=True)
     scale = 30 / args.layers
@@ -150,35 +145,28 @@ def main() -> None:
             else ""
         )
         + "; client ranks from a profile over the scaled client types "
-        f"{scaled_levels(WIDTH)} (attention, MLP); rank-56 truncation of ΔW_g in float64. "
-        "rel. error: worst ||T_r(factored) − T_r(dense)||_F / ||T_r(dense)||_F over modules and "
-        f"r ∈ {check}. Times are CPU seconds (process time, {args.threads} thread(s): the "
-        "shared machine's load does not inflate them). Memory: peak of the tensors allocated "
-        "during one gate_proj (1536×576) aggregation (torch profiler; LAPACK-internal "
-        "workspace not included).",
+        f"{scaled_levels(WIDTH)} (attention, MLP); every rank in use handed out. Times are "
+        f"wall seconds with {args.threads} intra-op thread(s), both paths side by side in one "
+        "process. rel. error: worst ||T_r − T_r(float64 dense)||_F / ||T_r(float64 dense)||_F "
+        "over modules and ranks in use. Ours: the small core while Σr < min(d_out, d_in) "
+        "(576 for every module here), the float32 product beyond.",
         "",
-        "| profile | clients | Σr attn / MLP | dense CPU s (30 layers) "
-        "| factored CPU s (30 layers) | speed-up | rel. error | dense peak MiB "
-        "| factored peak MiB | ≥ 20× |",
+        "| profile | clients | Σr attn / MLP | authors' s (30 layers) | ours s (30 layers) "
+        "| speed-up | ours rel. error | authors' rel. error | ≥ 2× | ≥ 20× (Σr < width/4) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
+        ratio = row["t_authors"] / row["t_ours"]
+        small = max(row["sum_r"].values()) < WIDTH / 4
         lines.append(
             f"| {row['profile']} | {row['n']} "
             f"| {row['sum_r']['q_proj']} / {row['sum_r']['gate_proj']} "
-            f"| {row['dense'] * scale:.2f} | {row['factored'] * scale:.2f} "
-            f"| {row['dense'] / row['factored']:.1f}× | {row['rel_err']:.1e} "
-            f"| {row['mem']['dense']:.1f} | {row['mem']['factored']:.1f} "
-            f"| {'yes' if row['dense'] >= 20 * row['factored'] else 'no'} |"
+            f"| {row['t_authors'] * scale:.2f} | {row['t_ours'] * scale:.2f} "
+            f"| {ratio:.1f}× | {row['e_ours']:.1e} | {row['e_authors']:.1e} "
+            f"| {'yes' if ratio >= 2 else 'no'} "
+            f"| {('yes' if ratio >= 20 else 'no') if small else '—'} |"
         )
-    lines += [
-        "",
-        "The factored path shrinks the problem only while Σr < min(d_out, d_in): the core is "
-        "Σr × Σr. Once Σr reaches the width, ΔW_g can have full rank, no exact method has less "
-        "to decompose than ΔW_g itself, and `factored_svd` decomposes the product of the stacked "
-        "factors, i.e. the dense construction: the two paths then cost the same.",
-    ]
-    title = "FlexLoRA aggregation: factored vs dense SVD (SmolLM2-135M shapes)"
+    title = "FlexLoRA aggregation and redistribution: ours vs the authors' procedure"
     print(write_section(SECTION, title, "\n".join(lines), args.out))
 
 

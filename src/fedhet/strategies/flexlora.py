@@ -38,7 +38,9 @@ Choices the paper leaves open:
   complement (singular value 0), as a dense SVD would return: the client's A rows
   there are orthonormal and B zero, so those slots still train. The completion
   is seeded (``seed``).
-* The SVD runs in float64 and is cast back to the state's dtype.
+* The SVD runs in float64 while Σr < width (the small core) and in float32
+  beyond (the dense matrix; ``benchmarks/bench_flexlora_svd.py`` reports its
+  error against float64), and is cast back to the state's dtype.
 * p_k is normalised over the updates that hold the module; a module no update
   holds keeps its global factors. Updates arrive validated by the runtime
   (:mod:`fedhet.runtime.validation`: each has exactly the shapes, hence the
@@ -71,6 +73,7 @@ def factored_svd(
     rank: int,
     *,
     dtype: torch.dtype = torch.float64,
+    dense_dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` SVD ``(U, S, V)`` of ``M = Σ_k w_k B_k A_k`` from the factors.
@@ -81,8 +84,10 @@ def factored_svd(
     of M. While K = Σ r_k < min(d_out, d_in), thin QRs of the stacked factors leave
     a K × K core; from there on no exact method has less to decompose than M
     itself (its rank can be min(d_out, d_in)), so the core is the product of the
-    stacked factors. Singular directions beyond the rank of M are completed
-    orthonormally (seeded) with singular value 0.
+    stacked factors, formed and decomposed in ``dense_dtype`` (float32: the
+    d_out × d_in SVD is the cost there, and single precision halves it; the
+    results come back in ``dtype``). Singular directions beyond the rank of M are
+    completed orthonormally (seeded) with singular value 0.
     """
     b_cat = torch.cat([w * b.to(dtype) for (b, _), w in zip(factors, weights, strict=True)], 1)
     a_cat = torch.cat([a.to(dtype) for _, a in factors], 0)
@@ -93,9 +98,9 @@ def factored_svd(
         k = min(rank, s.numel())
         u, v = q_b @ u_c[:, :k], q_a @ vh_c[:k].T
     else:
-        core = b_cat @ a_cat
+        core = b_cat.to(dense_dtype) @ a_cat.to(dense_dtype)
         del b_cat, a_cat  # the stacked factors are as large as the core by now
-        u_c, s, vh_c = torch.linalg.svd(core, full_matrices=False)
+        u_c, s, vh_c = (t.to(dtype) for t in torch.linalg.svd(core, full_matrices=False))
         k = min(rank, s.numel())
         u, v = u_c[:, :k], vh_c[:k].T
     gen = torch.Generator().manual_seed(seed)
