@@ -128,6 +128,18 @@ class Strategy(ABC):
             return state
         return {**client_state, **state}
 
+    def measured(
+        self,
+        new: AdapterState,
+        state: AdapterState,
+        updates: list[ClientUpdate],
+        weights: list[float],
+    ) -> AdapterState:
+        """``new``, after recording its :func:`aggregation_error` against the round's
+        clients (their updates over the global ``state`` they started from)."""
+        self.last_aggregation_error = aggregation_error(new, client_states(state, updates), weights)
+        return new
+
     def metrics(self) -> dict[str, float]:
         """Figures the runtime adds to every metrics row (e.g. DP-FedAvg's ε; the
         last round's :func:`aggregation_error` where the strategy measures it)."""

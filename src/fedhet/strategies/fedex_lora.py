@@ -31,8 +31,6 @@ from fedhet.model.lora import AdapterState, delta_key, factor_keys, factors_only
 from fedhet.protocol import ClientUpdate, Instruction
 from fedhet.strategies.base import (
     Strategy,
-    aggregation_error,
-    client_states,
     data_weights,
     require_nonempty,
     weighted_average,
@@ -64,7 +62,4 @@ class FedExLoRA(Strategy):
             old = state.get(delta_key(mod))
             delta = residual if old is None else old.double() + residual
             new[delta_key(mod)] = delta.float()
-        self.last_aggregation_error = aggregation_error(
-            new, client_states(state, updates), weights
-        )
-        return new
+        return self.measured(new, state, updates, weights)

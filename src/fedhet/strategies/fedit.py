@@ -15,8 +15,6 @@ from fedhet.model.lora import AdapterState
 from fedhet.protocol import ClientUpdate
 from fedhet.strategies.base import (
     Strategy,
-    aggregation_error,
-    client_states,
     data_weights,
     require_nonempty,
     weighted_average,
@@ -32,7 +30,4 @@ class FedIT(Strategy):
         require_nonempty(updates, self.name)
         weights = data_weights(updates)
         new = {**state, **weighted_average([u.state for u in updates], weights)}
-        self.last_aggregation_error = aggregation_error(
-            new, client_states(state, updates), weights
-        )
-        return new
+        return self.measured(new, state, updates, weights)

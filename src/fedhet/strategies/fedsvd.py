@@ -27,8 +27,6 @@ from fedhet.model.lora import AdapterState, factor_keys, is_lora_a, modules
 from fedhet.protocol import ClientUpdate, Instruction
 from fedhet.strategies.base import (
     Strategy,
-    aggregation_error,
-    client_states,
     data_weights,
     require_nonempty,
     weighted_average,
@@ -64,7 +62,4 @@ class FedSVD(Strategy):
         b_avg = weighted_average([u.state for u in updates], weights)
         averaged = {**state, **{k: v for k, v in b_avg.items() if not is_lora_a(k)}}
         new = refactor(averaged, seed=rnd)
-        self.last_aggregation_error = aggregation_error(
-            new, client_states(state, updates), weights
-        )
-        return new
+        return self.measured(new, state, updates, weights)

@@ -14,8 +14,6 @@ from fedhet.model.lora import AdapterState, is_lora_a
 from fedhet.protocol import ClientUpdate, Instruction
 from fedhet.strategies.base import (
     Strategy,
-    aggregation_error,
-    client_states,
     data_weights,
     require_nonempty,
     weighted_average,
@@ -37,7 +35,4 @@ class FFALoRA(Strategy):
         weights = data_weights(updates)
         b_avg = weighted_average([u.state for u in updates], weights)
         new = {**state, **{k: v for k, v in b_avg.items() if not is_lora_a(k)}}
-        self.last_aggregation_error = aggregation_error(
-            new, client_states(state, updates), weights
-        )
-        return new
+        return self.measured(new, state, updates, weights)

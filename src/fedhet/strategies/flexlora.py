@@ -53,14 +53,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fedhet.model.lora import (
-    AdapterState,
-    delta_key,
-    factor_keys,
-    factors_only,
-    modules,
-    ranks,
-)
+from fedhet.model.lora import AdapterState, delta_key, factor_keys, factors_only, modules, ranks
 from fedhet.protocol import ClientInfo, ClientUpdate, Instruction
 from fedhet.strategies.base import Strategy
 from fedhet.strategies.ranks import RankPlan, Ranks, rescaled_prefix

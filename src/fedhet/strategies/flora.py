@@ -33,19 +33,10 @@ from collections.abc import Sequence
 
 import torch
 
-from fedhet.model.lora import (
-    AdapterState,
-    delta_key,
-    factor_keys,
-    factors_only,
-    modules,
-    ranks,
-)
+from fedhet.model.lora import AdapterState, delta_key, factor_keys, factors_only, modules, ranks
 from fedhet.protocol import ClientInfo, ClientUpdate, Instruction
 from fedhet.strategies.base import (
     Strategy,
-    aggregation_error,
-    client_states,
     data_weights,
     require_nonempty,
 )
@@ -121,8 +112,7 @@ class FLoRA(Strategy):
             )
             old = state.get(delta_key(mod))
             new[delta_key(mod)] = (merged if old is None else old.double() + merged).float()
-        uniform = all(ranks(u.state) == self.shared for u in updates)
-        self.last_aggregation_error = (
-            aggregation_error(new, client_states(state, updates), weights) if uniform else None
-        )
+        if all(ranks(u.state) == self.shared for u in updates):
+            return self.measured(new, state, updates, weights)
+        self.last_aggregation_error = None  # mixed ranks: the states' scalings differ
         return new

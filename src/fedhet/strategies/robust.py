@@ -41,9 +41,7 @@ from fedhet.model.norms import l2_norm, update_delta
 from fedhet.protocol import ClientInfo, ClientUpdate, Instruction
 from fedhet.strategies.base import (
     Strategy,
-    aggregation_error,
     apply_delta,
-    client_states,
     data_weights,
     instantiate,
     require_nonempty,
@@ -158,9 +156,7 @@ class AveragingWrapper(Strategy):
         new = self.base.aggregate(rnd, state, [single])
         if self.base.last_aggregation_error is not None and kind == "state":
             # against the clients' own updates, not the one combined update
-            self.last_aggregation_error = aggregation_error(
-                new, client_states(state, updates), data_weights(updates)
-            )
+            return self.measured(new, state, updates, data_weights(updates))
         return new
 
     def evaluation_state(

@@ -23,8 +23,6 @@ from fedhet.model.lora import AdapterState, is_lora_a
 from fedhet.protocol import ClientUpdate, Instruction
 from fedhet.strategies.base import (
     Strategy,
-    aggregation_error,
-    client_states,
     data_weights,
     require_nonempty,
     weighted_average,
@@ -53,7 +51,4 @@ class RoLoRA(Strategy):
         weights = data_weights(updates)
         averaged = weighted_average([u.state for u in updates], weights)
         new = {**state, **{k: v for k, v in averaged.items() if is_lora_a(k) != train_b}}
-        self.last_aggregation_error = aggregation_error(
-            new, client_states(state, updates), weights
-        )
-        return new
+        return self.measured(new, state, updates, weights)
