@@ -11,7 +11,8 @@ truncation (R = 56) and the rank-r truncation handed to every rank r in use:
 * ours: :func:`fedhet.strategies.flexlora.factored_svd` (thin QRs of the stacked
   factors and an SVD of the Σr × Σr core in float64 while Σr < min(d_out, d_in);
   beyond, one GEMM of the stacked factors and the SVD in float32), the same
-  truncations.
+  truncations, and the dense ΔW_g the strategy keeps for its exact global model
+  (one float64 product of the stacked factors).
 
 Reported per profile and N: wall seconds of each path over all modules (factor
 generation excluded; ``--threads`` intra-op threads for both, side by side in one
@@ -82,8 +83,14 @@ def authors(factors, weights, ranks_in_use):
 
 
 def ours(factors, weights, ranks_in_use):
-    """FlexLoRA's aggregation (factored SVD at the top rank) and each rank's factors."""
-    u, s, v = factored_svd(factors, weights, max(ranks_in_use))
+    """FlexLoRA's aggregation as the strategy runs it: the factored SVD at the top rank,
+    each rank's factors, and ΔW_g itself for the exact global model (one float64
+    product of the stacked factors, from which the base delta is E = R·ΔW_g − B A)."""
+    top = max(ranks_in_use)
+    u, s, v = factored_svd(factors, weights, top)
+    b_cat = torch.cat([w * b.double() for (b, _), w in zip(factors, weights, strict=True)], 1)
+    delta = top * (b_cat @ torch.cat([a.double() for _, a in factors], 0))
+    delta -= (u * (s * top)) @ v.T
     return {r: (u[:, :r] * s[:r], v[:, :r].T) for r in ranks_in_use}
 
 

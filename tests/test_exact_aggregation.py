@@ -168,6 +168,10 @@ def test_fedex_lora_resumes_bit_identically_and_its_peft_folder_gives_the_same_l
               "data.max_length=32", "eval.global_size=4", "eval.local_clients=0")
     sim = Simulation(smoke_config(*common, "name=fedex"))
     full = sim.run()
+    fresh, _ = load_base_model("tiny")
+    w0 = dict(fresh.named_parameters())
+    assert all(torch.equal(p, w0[n]) for n, p in sim.lm.model.get_base_model().named_parameters()
+               if n in w0)  # the run leaves the shared model's base weights at W0
     deltas = {k for k in full.state if k.endswith(".base_delta")}
     assert deltas and all(r["aggregation_error"] < 1e-5 for r in full.metrics if "round" in r)
     rows = [r for r in full.metrics if "round" in r]
@@ -188,7 +192,6 @@ def test_fedex_lora_resumes_bit_identically_and_its_peft_folder_gives_the_same_l
     with torch.no_grad():
         ours = sim.lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     sim.lm.restore_base()
-    fresh, _ = load_base_model("tiny")
     peft = PeftModel.from_pretrained(fresh, str(full.run_dir / "final_adapter"))
     with torch.no_grad():
         theirs = peft(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits

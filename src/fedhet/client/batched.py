@@ -101,6 +101,7 @@ def lockstep_updates(
     reason = compatible(lm, [j.plan for j in jobs])
     if reason is not None:
         raise ValueError(f"lockstep training: {reason}")
+    lm.restore_base()  # jobs carry no base delta (the simulator runs those one by one)
     plan = jobs[0].plan
     device = next(lm.model.parameters()).device
     G = len(jobs)

@@ -1,8 +1,9 @@
 """LoRA adapters on one shared base model, and adapter states as plain tensors.
 
-An *adapter state* is ``dict[str, Tensor]`` holding LoRA factors only, keyed as
-PEFT saves them (``base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight``),
-so a state written with :func:`save_adapter` is a standard PEFT folder.
+An *adapter state* is ``dict[str, Tensor]`` holding LoRA factors (and, for a
+global model, base deltas: below), the factors keyed as PEFT saves them
+(``base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight``), so a state
+written with :func:`save_adapter` is a standard PEFT folder.
 
 For a LoRA module with rank r: ``A`` is ``r × d_in``, ``B`` is ``d_out × r`` and
 the update is ``ΔW = (alpha / r) · B A``. A state carries its own ranks in its
@@ -44,7 +45,7 @@ from torch import nn
 from fedhet.errors import FedhetError
 
 AdapterState = dict[str, torch.Tensor]
-"""LoRA factors by PEFT key; see the module docstring."""
+"""LoRA factors by PEFT key (and base deltas); see the module docstring."""
 
 _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 _A_SUFFIX = ".lora_A.weight"
@@ -278,6 +279,14 @@ class LoraModel:
         if unknown:
             raise KeyError(f"adapter keys not in the model: {sorted(unknown)[:3]}")
         state_ranks = ranks(state)
+        for mod, r in state_ranks.items():
+            if r > self.rank:
+                raise ValueError(f"rank {r} of {mod} exceeds the allocated rank {self.rank}")
+        for mod, delta in deltas.items():
+            shape = self._layers[mod].base_layer.weight.shape
+            if delta.shape != shape:
+                raise ValueError(f"base delta of {mod}: shape {tuple(delta.shape)}, "
+                                 f"the weight's is {tuple(shape)}")
         self._set_base(deltas, state_ranks)
         with torch.no_grad():
             for mod in self.modules:
@@ -288,8 +297,6 @@ class LoraModel:
                 r = state_ranks.get(mod)
                 if r is None:
                     continue
-                if r > self.rank:
-                    raise ValueError(f"rank {r} of {mod} exceeds the allocated rank {self.rank}")
                 if a_key in state:
                     pa[:r].copy_(state[a_key])
                 if b_key in state:

@@ -370,6 +370,7 @@ class FlowerExecutor(Executor):
     def close(self) -> None:
         if self.pending:
             log.info("%d updates still in flight at the end are ignored", len(self.pending))
+        self.lm.restore_base()  # the server's model back to W0 (base deltas, if any)
 
     # ------------------------------------------------------------ evaluation
     def evaluate(

@@ -17,11 +17,12 @@ The SVD is computed from the factors (:func:`factored_svd`): with
 ``B_cat = [w_1 B_1 | … | w_K B_K]`` (``w_k = p_k / r_k``) and ``A_cat = [A_1; …; A_K]``,
 ``ΔW_g / alpha = B_cat A_cat``; thin QRs ``B_cat = Q_B R_B`` and ``A_catᵀ = Q_A R_A``
 leave the small core ``R_B R_Aᵀ`` (Σr_k × Σr_k) to decompose, and
-``U = Q_B U_c``, ``V = Q_A V_c``. No d_out × d_in matrix is formed while
+``U = Q_B U_c``, ``V = Q_A V_c``. The SVD needs no d_out × d_in matrix while
 Σ r_k < min(d_out, d_in) (beyond that ΔW_g may have full rank and the core is as
 large as ΔW_g: the function then decomposes the product, the cheapest exact
 route); the result is the dense SVD's, up to rounding. alpha cancels: it scales
-ΔW_g and s_r alike.
+ΔW_g and s_r alike. The exact global model (below) forms ΔW_g once per round,
+one product of the stacked factors.
 
 Choices the paper leaves open:
 
@@ -31,7 +32,8 @@ Choices the paper leaves open:
   delta (:mod:`fedhet.model.lora`), E = R·(ΔW_g/alpha) − B A, so that
   (alpha/R)·(B A + E) = ΔW_g exactly. E is formed densely (d_out × d_in per
   module, float64). Clients get prefixes of the truncated factors only
-  (truncations nest); E is never sent. The PEFT folder holds ΔW_g at the rank it
+  (truncations nest); E is never sent to train (the global model evaluated on
+  Flower nodes is sent whole, E included). The PEFT folder holds ΔW_g at the rank it
   needs (:func:`fedhet.model.lora.fold_base_delta`).
 * When ΔW_g has rank below R (e.g. few clients of small rank in a round), the
   missing singular directions are completed with an orthonormal basis of the
@@ -168,9 +170,11 @@ class FlexLoRA(Strategy):
             # ΔW_g / alpha = U S Vᵀ  →  A = Vᵀ, B = U S / (s_R / alpha) = U S R
             out[a_key] = right.T.to(state[a_key].dtype).contiguous()
             out[b_key] = (left * (sing * big_r)).to(state[b_key].dtype)
-            # the remainder of ΔW_g beyond rank R: E = R·M − B A (module docstring)
+            # the remainder of ΔW_g beyond rank R: E = R·M − B A (module docstring),
+            # M as one product of the stacked factors
             pairs = zip(factors, weights, strict=True)
-            dense = sum(w * (b.double() @ a.double()) for (b, a), w in pairs)
+            b_cat = torch.cat([w * b.double() for (b, _), w in pairs], 1)
+            dense = b_cat @ torch.cat([a.double() for _, a in factors], 0)
             kept = out[b_key].double() @ out[a_key].double()
             out[delta_key(mod)] = (big_r * dense - kept).to(state[a_key].dtype)
         return out

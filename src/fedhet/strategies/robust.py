@@ -155,7 +155,9 @@ class AveragingWrapper(Strategy):
         single = ClientUpdate(-1, combined, num_samples=1, version=updates[0].version, kind=kind)
         new = self.base.aggregate(rnd, state, [single])
         if self.base.last_aggregation_error is not None and kind == "state":
-            # against the clients' own updates, not the one combined update
+            # against the data-weighted mean of the clients' own updates, not the one
+            # combined update: it folds in what the robust statistic, clipping and noise
+            # change, so it is not FedIT's factor-averaging error alone
             return self.measured(new, state, updates, data_weights(updates))
         return new
 
