@@ -22,7 +22,7 @@ Choices the paper leaves open:
   With ``share_b=False`` only A travels up and the global figures use the
   initial B (the base model's outputs: ΔW = 0).
 * Local evaluation (the personalised model): the global A under the client's
-  own B.
+  own B; a client that has not trained yet is evaluated with the global model.
 """
 
 from __future__ import annotations
