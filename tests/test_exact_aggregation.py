@@ -230,3 +230,20 @@ def test_flora_merges_the_stacked_product_and_restarts_the_adapter():
         r = ranks_[inst.client_id]
         assert torch.allclose(inst.state[delta_key(mod)], new[delta_key(mod)] * (r / 4))
         assert inst.plan["upload_keys"] == [A, B]
+
+
+def test_fedsa_lora_keeps_each_clients_b_in_the_simulator(smoke_config):
+    cfg = smoke_config("strategy.name=fedsa-lora", "federation.rounds=2", "train.batch_size=2",
+                       "data.max_length=32", "eval.global_size=4", "eval.local_clients=1")
+    sim = Simulation(cfg)
+    result = sim.run()
+    b_keys = [k for k in result.state if ".lora_B." in k]
+    own = list(sim.client_states.values())
+    assert len(own) >= 2 and not torch.equal(own[0][b_keys[0]], own[1][b_keys[0]])
+    last = result.metrics[-1]
+    updates = sum(r["clients"] for r in result.metrics if "round" in r)
+    a_bytes = state_bytes({k: v for k, v in result.state.items() if k not in b_keys})
+    b_bytes = state_bytes({k: result.state[k] for k in b_keys})
+    assert last["bytes_down"] == updates * a_bytes  # only A goes down
+    assert last["bytes_up"] == updates * (a_bytes + b_bytes)  # A, and B for the global figure
+    assert "local_loss_mean" in last
