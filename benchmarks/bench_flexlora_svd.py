@@ -8,11 +8,11 @@ truncation (R = 56) and the rank-r truncation handed to every rank r in use:
 
 * authors': as in the FlexLoRA code, each client's dense p_k/r_k · B_k A_k in
   float32 summed into ΔW_g, one full SVD in float32, a truncation per rank;
-* ours: :func:`fedhet.strategies.flexlora.factored_svd` (thin QRs of the stacked
-  factors and an SVD of the Σr × Σr core in float64 while Σr < min(d_out, d_in);
-  beyond, one GEMM of the stacked factors and the SVD in float32), the same
-  truncations, and the dense ΔW_g the strategy keeps for its exact global model
-  (one float64 product of the stacked factors).
+* ours: :func:`fedhet.strategies.flexlora.aggregate_module` as the strategy runs
+  it: thin QRs of the stacked factors and an SVD of the Σr × Σr core in float64
+  while Σr < min(d_out, d_in), beyond one float32 product of the stacked factors
+  and its SVD; plus the remainder of ΔW_g the strategy keeps for its exact global
+  model (from the same product); the same truncations.
 
 Reported per profile and N: wall seconds of each path over all modules (factor
 generation excluded; ``--threads`` intra-op threads for both, side by side in one
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from fedhet.reports.results import write_section
-from fedhet.strategies.flexlora import factored_svd
+from fedhet.strategies.flexlora import aggregate_module
 from fedhet.strategies.ranks import profile_shares, profile_types, scaled_levels
 
 SECTION = "bench_flexlora_svd"
@@ -83,15 +83,12 @@ def authors(factors, weights, ranks_in_use):
 
 
 def ours(factors, weights, ranks_in_use):
-    """FlexLoRA's aggregation as the strategy runs it: the factored SVD at the top rank,
-    each rank's factors, and ΔW_g itself for the exact global model (one float64
-    product of the stacked factors, from which the base delta is E = R·ΔW_g − B A)."""
+    """FlexLoRA's aggregation as the strategy runs it
+    (:func:`fedhet.strategies.flexlora.aggregate_module`: the SVD and ΔW_g's remainder
+    for the exact global model) and each rank's factors (prefixes, B rescaled)."""
     top = max(ranks_in_use)
-    u, s, v = factored_svd(factors, weights, top)
-    b_cat = torch.cat([w * b.double() for (b, _), w in zip(factors, weights, strict=True)], 1)
-    delta = top * (b_cat @ torch.cat([a.double() for _, a in factors], 0))
-    delta -= (u * (s * top)) @ v.T
-    return {r: (u[:, :r] * s[:r], v[:, :r].T) for r in ranks_in_use}
+    a, b, _ = aggregate_module(factors, weights, top)
+    return {r: (b[:, :r] / top, a[:r]) for r in ranks_in_use}
 
 
 def reference(factors, weights, ranks_in_use):

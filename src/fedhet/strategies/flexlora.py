@@ -30,8 +30,10 @@ Choices the paper leaves open:
   ΔW_g itself, as the authors keep it: its truncation at the shared adapter's
   rank R (``lora.rank``) as the factors, plus the remainder as the state's base
   delta (:mod:`fedhet.model.lora`), E = R·(ΔW_g/alpha) − B A, so that
-  (alpha/R)·(B A + E) = ΔW_g exactly. E is formed densely (d_out × d_in per
-  module, float64). Clients get prefixes of the truncated factors only
+  (alpha/R)·(B A + E) = ΔW_g exactly (to float32 rounding when Σr reaches the
+  width, float64 below). ΔW_g is formed once per module, one product of the
+  stacked factors, and serves the SVD too in the dense case
+  (:func:`aggregate_module`). Clients get prefixes of the truncated factors only
   (truncations nest); E is never sent to train (the global model evaluated on
   Flower nodes is sent whole, E included). The PEFT folder holds ΔW_g at the rank it
   needs (:func:`fedhet.model.lora.fold_base_delta`).
@@ -70,6 +72,7 @@ def factored_svd(
     dtype: torch.dtype = torch.float64,
     dense_dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    product: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` SVD ``(U, S, V)`` of ``M = Σ_k w_k B_k A_k`` from the factors.
 
@@ -81,20 +84,20 @@ def factored_svd(
     itself (its rank can be min(d_out, d_in)), so the core is the product of the
     stacked factors, formed and decomposed in ``dense_dtype`` (float32: the
     d_out × d_in SVD is the cost there, and single precision halves it; the
-    results come back in ``dtype``). Singular directions beyond the rank of M are
-    completed orthonormally (seeded) with singular value 0.
+    results come back in ``dtype``; ``product``: M when the caller has formed it).
+    Singular directions beyond the rank of M are completed orthonormally (seeded)
+    with singular value 0.
     """
-    b_cat = torch.cat([w * b.to(dtype) for (b, _), w in zip(factors, weights, strict=True)], 1)
-    a_cat = torch.cat([a.to(dtype) for _, a in factors], 0)
-    if b_cat.shape[1] < min(b_cat.shape[0], a_cat.shape[1]):
+    if not is_dense(factors):
+        b_cat = torch.cat([w * b.to(dtype) for (b, _), w in zip(factors, weights, strict=True)], 1)
+        a_cat = torch.cat([a.to(dtype) for _, a in factors], 0)
         q_b, r_b = torch.linalg.qr(b_cat)
         q_a, r_a = torch.linalg.qr(a_cat.T)
         u_c, s, vh_c = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
         k = min(rank, s.numel())
         u, v = q_b @ u_c[:, :k], q_a @ vh_c[:k].T
     else:
-        core = b_cat.to(dense_dtype) @ a_cat.to(dense_dtype)
-        del b_cat, a_cat  # the stacked factors are as large as the core by now
+        core = stacked_product(factors, weights, dense_dtype) if product is None else product
         u_c, s, vh_c = (t.to(dtype) for t in torch.linalg.svd(core, full_matrices=False))
         k = min(rank, s.numel())
         u, v = u_c[:, :k], vh_c[:k].T
@@ -104,6 +107,39 @@ def factored_svd(
         torch.cat([s[:k], s.new_zeros(rank - k)]),
         _complete(v, rank, gen),
     )
+
+
+def is_dense(factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+    """Whether Σ r_k reaches min(d_out, d_in): no core smaller than M itself."""
+    b0, a0 = factors[0]
+    return sum(a.shape[0] for _, a in factors) >= min(b0.shape[0], a0.shape[1])
+
+
+def stacked_product(
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    weights: Sequence[float],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """M = Σ_k w_k B_k A_k as one product of the stacked factors, in ``dtype``."""
+    b_cat = torch.cat([w * b.to(dtype) for (b, _), w in zip(factors, weights, strict=True)], 1)
+    return b_cat @ torch.cat([a.to(dtype) for _, a in factors], 0)
+
+
+@torch.no_grad()
+def aggregate_module(
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    weights: Sequence[float],
+    rank: int,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One module's global (A, B, E) in float64 (module docstring): A = Vᵀ, B = U S R
+    of the rank-R truncation of M = ΔW_g/alpha, E = R·M − B A. M is formed once: in
+    float32 when dense (the SVD decomposes it), in float64 otherwise."""
+    dense = is_dense(factors)
+    product = stacked_product(factors, weights, torch.float32 if dense else torch.float64)
+    u, s, v = factored_svd(factors, weights, rank, seed=seed, product=product if dense else None)
+    a, b = v.T.contiguous(), u * (s * rank)
+    return a, b, rank * product.double() - b @ a
 
 
 def _complete(basis: torch.Tensor, width: int, gen: torch.Generator) -> torch.Tensor:
@@ -165,16 +201,10 @@ class FlexLoRA(Strategy):
             total = float(sum(u.num_samples for u in holders))
             factors = [(u.state[b_key], u.state[a_key]) for u in holders]
             weights = [u.num_samples / total / u.state[a_key].shape[0] for u in holders]
-            big_r = self.shared[mod]
-            left, sing, right = factored_svd(factors, weights, big_r, seed=self.seed)
-            # ΔW_g / alpha = U S Vᵀ  →  A = Vᵀ, B = U S / (s_R / alpha) = U S R
-            out[a_key] = right.T.to(state[a_key].dtype).contiguous()
-            out[b_key] = (left * (sing * big_r)).to(state[b_key].dtype)
-            # the remainder of ΔW_g beyond rank R: E = R·M − B A (module docstring),
-            # M as one product of the stacked factors
-            pairs = zip(factors, weights, strict=True)
-            b_cat = torch.cat([w * b.double() for (b, _), w in pairs], 1)
-            dense = b_cat @ torch.cat([a.double() for _, a in factors], 0)
-            kept = out[b_key].double() @ out[a_key].double()
-            out[delta_key(mod)] = (big_r * dense - kept).to(state[a_key].dtype)
+            # ΔW_g / alpha = U S Vᵀ  →  A = Vᵀ, B = U S / (s_R / alpha) = U S R, and the
+            # remainder beyond rank R as the base delta E = R·M − B A
+            a, b, delta = aggregate_module(factors, weights, self.shared[mod], self.seed)
+            out[a_key] = a.to(state[a_key].dtype)
+            out[b_key] = b.to(state[b_key].dtype)
+            out[delta_key(mod)] = delta.to(state[a_key].dtype)
         return out
