@@ -2,9 +2,19 @@
 
 Tests never touch the network (hub lookups fail at once instead of retrying for ~45 s) and
 never write the user's model cache: ``FEDHET_CACHE`` points at one temporary folder for the
-whole session, so the SmolLM2 tokenizer and model are converted at most once per session.
+whole run, so the SmolLM2 tokenizer and model are converted at most once per worker.
+
+``make test`` runs the tests in two pytest-xdist workers, a test file at a time
+(``-n 2 --dist loadfile``: a module's fixtures are set up once): many slow tests mostly
+wait (Flower processes starting, sockets polled), so two workers overlap them. Each worker
+computes with one thread (``OMP_NUM_THREADS=1``, inherited by the processes the tests
+start), two threads in all on the 2-core machines the suite is sized for, and the workers
+share one model cache (conversions write atomically, so two workers converting at once
+cannot corrupt it). Tests that start a Ray cluster (Flower's simulation engine) take
+:func:`ray_cluster_lock`: two clusters started at once by the two workers failed.
 """
 
+import fcntl
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +22,8 @@ from pathlib import Path
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # read by huggingface_hub at import: set before importing it
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"  # read by torch at import: set before importing it
 
 from fedhet.model import load_base_model, load_tokenizer  # noqa: E402
 
@@ -19,10 +31,25 @@ from fedhet.model import load_base_model, load_tokenizer  # noqa: E402
 @pytest.fixture(scope="session", autouse=True)
 def fedhet_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The session's model cache folder, also exported as ``$FEDHET_CACHE``."""
-    cache = tmp_path_factory.mktemp("fedhet-cache")
+    cache = _shared_root(tmp_path_factory) / "fedhet-cache"
+    cache.mkdir(exist_ok=True)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FEDHET_CACHE", str(cache))
         yield cache
+
+
+def _shared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run's base temporary folder, common to the xdist workers."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
+@pytest.fixture
+def ray_cluster_lock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Held (an exclusive file lock across the workers) while a test runs Ray."""
+    with open(_shared_root(tmp_path_factory) / "ray.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +77,4 @@ def smoke_config(tmp_path):
         return load_config(REPO / "configs" / "smoke.yaml", [f"output_dir={tmp_path}", *overrides])
 
     return make
+

@@ -1,5 +1,6 @@
 """Context-length/-quality partitioners, quality transformations and the context study."""
 
+import json
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -9,17 +10,23 @@ import pytest
 from typer.testing import CliRunner
 
 from fedhet.cli import app
+from fedhet.client.evaluate import evaluate
 from fedhet.data import DataConfig, Record, build_federated_data, partition
 from fedhet.data.context import (
     QUALITY_LEVELS,
+    QUANTITY_LEVELS,
     apply_levels,
     assign_levels,
     estimate_alpha,
     length_buckets,
     split_sentences,
 )
+from fedhet.data.sources import load_source
 from fedhet.errors import FedhetError
+from fedhet.model import load_base_model
 from fedhet.study import load_study, run_context_study
+from fedhet.study.cells import Cell, Scores, client_gains, effect, global_gain, local_gain
+from fedhet.study.report import claims
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -173,40 +180,179 @@ def test_bad_context_inputs_name_the_field():
     assert result.exit_code == 2 and "study.alphas" in result.output
 
 
+def _hand_made(path: Path, n: int = 48, sentences: int = 6) -> Path:
+    """``n`` records with ``sentences``-sentence contexts of varied lengths, as JSONL."""
+    rows = [
+        {
+            "instruction": f"Question {i}?",
+            "context": " ".join(
+                f"Record {i} sentence {j}" + " word" * (i % 7) + "." for j in range(sentences)
+            ),
+            "response": f"Answer {i}.",
+            "category": "qa",
+        }
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _paired(path: Path, method: str, alpha: float, seed: int = 0, **params) -> DataConfig:
+    return DataConfig(
+        source="jsonl",
+        path=str(path),
+        global_test_size=4,
+        local_test_size=2,
+        seed=seed,
+        partition={"method": method, "num_clients": 4, "alpha": alpha, "params": params},
+    )
+
+
+def test_paired_test_sets_are_the_same_records_and_base_losses_in_every_cell(tmp_path):
+    path = _hand_made(tmp_path / "records.jsonl")
+    originals = {r.instruction: r for r in load_source("jsonl", path=path)}
+    cells = [
+        _paired(path, "context-length", 0.1, num_buckets=3),
+        _paired(path, "context-length", 100, num_buckets=3),
+        _paired(path, "context-quality", 0.1),
+        _paired(path, "context-quality", 100, levels=list(QUANTITY_LEVELS)),
+    ]
+    feds = [build_federated_data(cfg) for cfg in cells]
+    tests = [[c.test for c in fed.clients] for fed in feds]
+    assert all(t == tests[0] for t in tests)  # the same records, client by client
+    assert [len(t) for t in tests[0]] == [2] * 4
+    for fed in feds:
+        assert fed.global_test == feds[0].global_test
+        for client in fed.clients:
+            assert all(r == originals[r.instruction] for r in client.test)  # never transformed
+            held = {r.instruction for r in client.test}
+            assert not held & {r.instruction for c in fed.clients for r in c.train}
+        assert sum(len(c.train) + len(c.test) for c in fed.clients) == 48 - 4
+    skewed = [[r.category for r in c.train] for c in feds[0].clients]
+    even = [[r.category for r in c.train] for c in feds[1].clients]
+    assert skewed != even  # the partition differs, the test records do not
+    other = build_federated_data(_paired(path, "context-length", 0.1, seed=1, num_buckets=3))
+    assert [c.test for c in other.clients] != tests[0]  # a seed redraws them
+
+    model, tokenizer = load_base_model("tiny")
+    losses = [
+        [evaluate(model, tokenizer, c.test, "loss", max_length=64)["loss"] for c in fed.clients]
+        for fed in feds
+    ]
+    assert all(row == losses[0] for row in losses)  # one base model score per client
+    with pytest.raises(FedhetError, match="local_test_size=20"):
+        build_federated_data(_paired(path, "iid", 1.0).model_copy(update={"local_test_size": 20}))
+
+
+def test_quantity_partition_keeps_first_sentences_and_skews_the_counts(tmp_path):
+    path = _hand_made(tmp_path / "records.jsonl", n=404)
+    originals = {r.instruction: r for r in load_source("jsonl", path=path)}
+    levels = {f"q{i}:{name}": name for i, name in enumerate(QUANTITY_LEVELS)}
+    shares = {}
+    for alpha in (0.1, 100):
+        cfg = _paired(path, "context-quality", alpha, levels=list(QUANTITY_LEVELS))
+        fed = build_federated_data(cfg.model_copy(update={"partition": cfg.partition.model_copy(
+            update={"num_clients": 8})}))
+        for client in fed.clients:
+            for r in client.train:
+                own = split_sentences(originals[r.instruction].context)
+                kept = split_sentences(r.context)
+                level = levels[r.category]
+                assert kept == (own if level == "intact" else own[: int(level.split(":")[1])])
+                assert replace(r, context="", category="") == replace(
+                    originals[r.instruction], context="", category=""
+                )
+        counts = np.array([[sum(r.category == g for r in c.train) for g in levels]
+                           for c in fed.clients])
+        shares[alpha] = (counts.max(axis=1) / counts.sum(axis=1)).mean()
+        assert counts.sum(axis=0).max() - counts.sum(axis=0).min() <= 1  # levels in equal numbers
+    assert shares[0.1] > 0.7 and shares[100] < 0.45  # mostly one level vs an even mix
+
+
 @pytest.mark.slow
-def test_study_table_has_every_cell(tmp_path):
+def test_study_pairs_its_cells_reuses_units_and_reports_the_claims(tmp_path):
     cfg, study = load_study(
         REPO / "configs" / "s-ctx-smoke.yaml",
         [
             f"output_dir={tmp_path}",
             "study.alphas=[0.1,100]",
-            "data.partition.num_clients=4",
-            "data.limit=80",
+            "study.axes=[quality]",
+            "study.rouge_local=0",
+            "study.rouge_global=2",
+            "data.partition.num_clients=3",
+            "data.limit=60",
             "data.max_length=32",
             "federation.rounds=1",
             "federation.clients_per_round=2",
             "eval.global_size=4",
-            "eval.local_size=1",
         ],
     )
     out = tmp_path / "RESULTS.md"
     out.write_text("# Results\n\n<!-- s-ctx-smoke:start -->\nold\n<!-- s-ctx-smoke:end -->\nkept\n")
-    result = run_context_study(cfg, study, out=out, command="fedhet study context smoke")
-    assert [(c.axis, c.alpha) for c in result.cells] == [
-        ("length", 0.1),
-        ("length", 100),
-        ("quality", 0.1),
-        ("quality", 100),
+    lines: list[str] = []
+    result = run_context_study(cfg, study, out=out, command="fedhet study context smoke",
+                               log=lines.append)
+    assert lines[0] == "context study: 6 units to run, 0 reused"  # 2 seeds x (base + 2 cells)
+    assert [(c.axis, c.alpha, c.seed) for c in result.cells] == [
+        ("quality", alpha, seed) for alpha in (0.1, 100) for seed in (0, 1)
     ]
     for cell in result.cells:
-        assert len(cell.local_before) == len(cell.local_only) == len(cell.local_federated) == 4
-        assert np.isfinite([cell.global_before, cell.global_federated]).all()
-        assert cell.alpha_hat > 0  # inf when every client holds an even mix
-    rows = [line for line in result.report.splitlines() if line.startswith("| tiny |")]
-    assert len(rows) == 4 + 2  # every cell, then one contrast row per axis
-    assert all("—" not in row and "nan" not in row for row in rows)
+        assert set(cell.base.local) == {"loss"} and set(cell.base.global_) == {"loss", "rouge_l"}
+        assert set(cell.local_only.local["loss"]) == set(cell.federated.local["loss"]) == {
+            "0", "1", "2"
+        }
+        same_seed = [c for c in result.cells if c.seed == cell.seed]
+        assert all(c.base == cell.base for c in same_seed)  # one base model score per seed
+        assert np.isfinite(list(cell.federated.global_.values())).all()
+    assert result.cells[0].base != result.cells[1].base  # seeds 0 and 1: other test records
+    report = result.report
+    assert report.count("| tiny | quality |") == 2
+    assert "quality imbalance hurts local training: Δ = " in report
+    assert "→ **" in report and "between-seed std of the global loss" in report
     text = out.read_text()
     assert "old" not in text and text.endswith("kept\n") and text.count(":start -->") == 1
     assert "fedhet study context smoke" in text
-    assert all(p.is_file() for p in result.plots)
-    assert (tmp_path / "figures" / "s-ctx-smoke-perf_vs_alpha.png").is_file()
+    assert (tmp_path / "figures" / "s-ctx-smoke-gains-tiny.png").is_file()
+
+    lines.clear()
+    again = run_context_study(cfg, study, log=lines.append)
+    assert lines == ["context study: 0 units to run, 6 reused"]
+    assert again.cells == result.cells
+
+
+def _cell(axis: str, alpha: float, seed: int, local: float, glob: float) -> Cell:
+    """A made-up cell: base loss 2.0 for both clients and globally; the local-only models
+    gain ``local`` (one client ``local`` − 0.01, the other + 0.01), the global model ``glob``."""
+    base = Scores({"loss": {"0": 2.0, "1": 2.0}}, {"loss": 2.0})
+    only = Scores({"loss": {"0": 2.0 - local + 0.01, "1": 2.0 - local - 0.01}})
+    fed = Scores({"loss": {"0": 1.9, "1": 1.9}}, {"loss": 2.0 - glob})
+    return Cell("m", axis, alpha, seed, 1.0, 0.0, 1.0, base, only, fed)
+
+
+def test_claims_on_made_up_gains():
+    cells = []
+    for seed, noise in enumerate((0.0, 0.01, -0.01)):
+        cells += [  # quality: skew costs 0.1 of local gain and 0.05 of global gain
+            _cell("quality", 0.1, seed, 0.2 + noise, 0.25 + noise),
+            _cell("quality", 100, seed, 0.3 + noise, 0.3 + noise),
+            # length: no local effect (ε = 0.25 x 0.4), global effect of -0.2 (skew helps)
+            _cell("length", 0.1, seed, 0.4 + noise, 0.5 + noise),
+            _cell("length", 100, seed, 0.4 - noise, 0.3),
+        ]
+    assert local_gain(cells[0], "local_only", "loss") == pytest.approx(0.2)
+    assert client_gains(cells[0], "local_only", "loss") == pytest.approx({"0": 0.19, "1": 0.21})
+    assert global_gain(cells[0], "loss") == pytest.approx(0.25)
+    quality = effect(cells, "m", "quality", global_gain, "loss")
+    assert (quality.mean, quality.n) == (pytest.approx(0.05), 3)
+    text = claims(cells, margin=0.25)
+    assert "quality imbalance hurts local training: Δ = 0.1 [0.1, 0.1]" in text
+    lines = {line.split(":")[0]: line for line in text.splitlines() if line.startswith("- ")}
+    assert lines["- quality imbalance hurts local training"].endswith("**confirmed**")
+    assert lines["- quality imbalance hurts the global model"].endswith("**confirmed**")
+    minimal = next(v for k, v in lines.items() if k.startswith("- length imbalance barely"))
+    assert "inside ±0.1" in minimal and "**confirmed**" in minimal  # Δ = 0 ± 0.05 in ±0.1
+    assert lines["- length imbalance affects the global model"].endswith("**refuted**")
+    noisy = [replace(c, local_only=Scores({"loss": {"0": 2.0 - 0.5 * c.seed, "1": 2.0}}))
+             if c.axis == "length" and c.alpha == 100 else c for c in cells]
+    minimal = next(line for line in claims(noisy, 0.25).splitlines() if "barely" in line)
+    assert "**inconclusive**; seeds that would decide it:" in minimal

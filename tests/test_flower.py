@@ -328,7 +328,7 @@ def _assert_same_run(on_flower, reference, keys=PARITY_KEYS) -> None:
 
 
 @pytest.mark.slow
-def test_the_simulator_and_flowers_simulation_engine_agree(smoke_config):
+def test_the_simulator_and_flowers_simulation_engine_agree(smoke_config, ray_cluster_lock):
     """Flower's simulation engine (Ray, six virtual SuperNodes) runs FedIT (wall
     clock), FedAsync and HierFedLoRA (virtual clock: arrivals in the simulator's
     order) one after the other; each run's final adapter equals the in-process

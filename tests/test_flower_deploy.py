@@ -4,8 +4,8 @@
   (the default ``local`` SuperLink connection, started by the Flower CLI);
 * the deployment recipe (``scripts/deploy/deploy.py``): TLS certificates and
   SuperNode keys, a SuperLink with TLS and SuperNode authentication, three
-  registered SuperNodes each with its own data files, a FedIT job and a FedAsync
-  job; a fourth SuperNode whose key is not registered is refused; the final
+  registered SuperNodes each with its own data files, a FedAsync job (three
+  arrivals); a fourth SuperNode whose key is not registered is refused; the final
   adapters load with PEFT and beat the base model on the clients' data.
 
 Every message of a deployed run starts a ClientApp process (Flower's design),
@@ -88,7 +88,7 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_flwr_run_local_simulation(tmp_path):
+def test_flwr_run_local_simulation(tmp_path, ray_cluster_lock):
     """``flwr run .`` with the default local connection: the Flower CLI starts a
     local simulation SuperLink (killed at the end, found by its FLWR_HOME)."""
     home = tmp_path / "flwr-home"

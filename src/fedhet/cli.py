@@ -211,8 +211,12 @@ def study_context(
     out: Annotated[
         Path | None, typer.Option("--out", help="also write the report section into this file")
     ] = None,
+    jobs: Annotated[
+        int, typer.Option("--jobs", min=1, help="units side by side, one thread each")
+    ] = 1,
 ) -> None:
-    """Context length/quality as non-IID dimensions (CLLoRA): axis x alpha x model sweep."""
+    """Context length/quality/quantity as non-IID dimensions (CLLoRA): a paired
+    model x axis x alpha x seed sweep; finished units are reused."""
     import shlex
 
     from fedhet.study.context import load_study, run_context_study
@@ -220,7 +224,8 @@ def study_context(
     cfg, study = load_study(config, set_)
     command = shlex.join(["fedhet", *sys.argv[1:]])
     result = run_context_study(
-        cfg, study, data_dir=data_dir, out=out, command=command, show_progress=True
+        cfg, study, data_dir=data_dir, out=out, command=command, jobs=jobs,
+        log=lambda line: console.print(line, markup=False, highlight=False),
     )
     console.print(result.report, markup=False, highlight=False)
     console.print(f"outputs in [bold]{result.out_dir}[/]")

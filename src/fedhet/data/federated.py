@@ -17,6 +17,16 @@
    keeps at least one training record. A client's test part is therefore empty when
    ``n * local_test_fraction < 0.5`` or ``n == 1`` (tiny partitions, or fraction 0).
 
+**Paired local test sets** (``local_test_size``, the context study's design): before step 3,
+``num_clients × local_test_size`` records are drawn from the pool at random with a stream of
+their own (seeded by ``seed`` alone) and dealt to the clients in order, ``local_test_size``
+each; they leave the pool, are never transformed and are the clients' whole test parts
+(step 4 then keeps every partitioned record for training). Two configs that differ only in
+the partition (method, α, params) therefore give every client the same test records, so
+per-client scores of different partitions are paired record for record. These test records
+are a sample of the whole pool, not of the client's own (skewed) mix: that mix changes with
+the partition, and a paired test set cannot.
+
 Everything is deterministic given the config (one ``seed``).
 """
 
@@ -99,6 +109,9 @@ class DataConfig(BaseModel):
     limit: int | None = Field(None, ge=1)
     global_test_size: int = Field(256, ge=0)
     local_test_fraction: float = Field(0.2, ge=0, lt=1)
+    local_test_size: int | None = Field(None, ge=1)
+    """Paired local test sets (module docstring): this many records per client, the same
+    for every partition of the pool; ``local_test_fraction`` is then unused."""
     max_length: int = Field(128, ge=1)
     """Tokens per example; used when the records are encoded for training."""
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
@@ -199,6 +212,24 @@ def with_options(records: list[Record], options: list[str]) -> list[Record]:
     return out
 
 
+def _paired_test_sets(
+    pool: list[Record], num_clients: int, size: int, rng: np.random.Generator
+) -> tuple[list[Record], list[list[Record]]]:
+    """The pool without the paired test records, and each client's ``size`` of them
+    (module docstring)."""
+    need = num_clients * size
+    if need >= len(pool):
+        raise FedhetError(
+            f"data.local_test_size={size} × {num_clients} clients takes {need} of the pool's "
+            f"{len(pool)} records and leaves too few to train on"
+        )
+    order = rng.permutation(len(pool))
+    tests = [
+        [pool[i] for i in np.sort(order[k * size : (k + 1) * size])] for k in range(num_clients)
+    ]
+    return [pool[i] for i in np.sort(order[need:])], tests
+
+
 def build_federated_data(cfg: DataConfig, data_dir: str | Path | None = None) -> FederatedData:
     """Load, hold out the global test set, partition and split per client (module docstring)."""
     pool = load_source(
@@ -211,8 +242,8 @@ def build_federated_data(cfg: DataConfig, data_dir: str | Path | None = None) ->
         limit=cfg.limit,
         seed=cfg.seed,
     )
-    holdout_rng, split_rng = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(2)
+    holdout_rng, split_rng, paired_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(3)
     )
     if cfg.test_path is None and cfg.test_source is None and cfg.test_split is None:
         if len(pool) <= cfg.global_test_size:
@@ -228,6 +259,9 @@ def build_federated_data(cfg: DataConfig, data_dir: str | Path | None = None) ->
     if cfg.options:
         pool, global_test = with_options(pool, cfg.options), with_options(global_test, cfg.options)
     p = cfg.partition
+    paired: list[list[Record]] | None = None
+    if cfg.local_test_size is not None:
+        pool, paired = _paired_test_sets(pool, p.num_clients, cfg.local_test_size, paired_rng)
     hook = RECORD_HOOKS.get(p.method)
     extras, transform = hook(pool, p.params, cfg.seed) if hook else (p.params, None)
     parts = partition(
@@ -243,6 +277,9 @@ def build_federated_data(cfg: DataConfig, data_dir: str | Path | None = None) ->
         pool = transform(pool)
     clients = []
     for client_id, indices in enumerate(parts):
+        if paired is not None:
+            clients.append(ClientData(client_id, [pool[i] for i in indices], paired[client_id]))
+            continue
         shuffled = split_rng.permutation(indices)
         n_test = min(int(len(indices) * cfg.local_test_fraction + 0.5), len(indices) - 1)
         clients.append(

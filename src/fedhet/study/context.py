@@ -1,43 +1,50 @@
-"""The context study (CLLoRA): context length and context quality as non-IID dimensions.
+"""The context study (CLLoRA): context length, quality and quantity as non-IID dimensions.
 
-``fedhet study context CONFIG`` sweeps axis × α × model and, for every cell, partitions the
-clients' data along the axis (:mod:`fedhet.data.context`), trains with the experiment's
-strategy (FedIT in the S-ctx configs) and reports
+``fedhet study context CONFIG`` sweeps model × axis × α × seed. For every cell it
+partitions the clients' data along the axis (:mod:`fedhet.data.context`), trains each
+client alone from the initial adapter (*local-only*) and the federation with the
+experiment's strategy (FedIT in the S-ctx configs), and scores the final models.
 
-* local performance, each client on its own test split: before training (the base model),
-  after local-only training (the client alone, from the same initial adapter), after
-  federated training (the final global model); mean and spread (std) over the clients;
-* global performance: the global test set (never transformed) before and after federated
-  training;
-* α̂, the α estimated back from the clients' group counts
-  (:func:`fedhet.data.context.estimate_alpha`), and the share of training examples cut to
-  ``data.max_length`` (contexts that do not fit lose the start of their prompt).
+**Paired design** (why: between partitions the clients' base-model loss varied more than
+any training gain, so the partition draw decided every comparison). The study requires
+``data.local_test_size``: every client's test records are drawn from the pool before it
+is partitioned (:mod:`fedhet.data.federated`), so for one seed every cell — every axis and
+α — scores the same clients on the same records, from the same initial adapter. The base
+model is scored once per (model, seed) and every figure is a gain over it, per client
+(:mod:`fedhet.study.cells`). Seeds (``study.seeds``) redraw the pool split, the partition
+and the training randomness; the tables give the mean and 95 % t interval over them.
 
-CONFIG is an experiment file (:mod:`fedhet.config`) with a ``study:`` section
-(:class:`StudyConfig`). Per cell the study sets ``model.name``, ``data.partition.method``,
-``alpha`` and ``params``, and evaluates every client locally (``eval.local_clients``); the
-rest of the experiment file applies as written. Axes: ``length`` (``context-length``),
-``quality`` (``context-quality``, quality levels) and ``quantity`` (``context-quality``
-with :data:`~fedhet.data.context.QUANTITY_LEVELS`, the number of sentences kept). The
-clients' data of an (axis, α) pair is built once and shared by the models (lengths are
-counted with one tokenizer), so models are compared on identical partitions.
+Work units, each a process of its own with ``jobs`` > 1 (one thread each): one *base* unit
+per (model, seed) and one *cell* unit per (model, axis, α, seed). A unit writes
+``units/<model>/seed<k>/<name>.json`` with the settings it ran; a later study with the same
+settings reuses it (a stopped study resumes where it stopped). Units are ordered model by
+model, axis by axis, α by α, seed by seed, so a study stopped early holds whole rows.
+
+Scores: ``loss`` (mean NLL per response token) on each evaluated client's test records and
+on the global test set (capped at ``eval.global_size``); ``rouge_l`` (greedy, at most
+``eval.max_new_tokens`` new tokens) on the first ``study.rouge_local`` test records of each
+client and the first ``study.rouge_global`` global records (0: no ROUGE-L). ``study
+.local_clients`` limits local-only training and local scores to the first clients (None:
+all). The federated run's own evaluations are reduced to one global record at its start
+and end: the study scores the final adapter itself.
 
 Local-only training runs ``local_steps`` steps (default: ``federation.rounds ×
 train.steps``, the sequential steps behind the global model) of the experiment's training
-plan from the initial adapter, one client at a time on the simulator's shared model.
+plan, one client at a time on the simulator's shared model.
 
-Outputs in ``<output_dir>/<name>/``: ``study.md`` (tables), ``study.json`` (every figure,
-per client), ``perf_vs_alpha.png``, ``clients_scatter.png`` and one run folder per cell
-under ``runs/``. With ``out``, the report also replaces its section (between
-``<!-- NAME:start -->`` and ``<!-- NAME:end -->``) in that markdown file, the plots copied to
-``figures/`` beside it.
+Outputs in ``<output_dir>/<name>/``: ``study.md``, ``study.json`` (every cell, per
+client), one ``gains-<model>.png`` per model and the runs under ``runs/``. With ``out``,
+the report also replaces its section in that markdown file (:func:`write_section`).
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import re
 import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -46,19 +53,20 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from fedhet.client.evaluate import result_key
+from fedhet.client.evaluate import evaluate, generate, rouge_l
 from fedhet.client.train import local_update
 from fedhet.config import ExperimentConfig, apply_overrides, resolve_paths, validate_config
 from fedhet.data.context import QUANTITY_LEVELS, estimate_alpha
 from fedhet.data.federated import FederatedData, build_federated_data
+from fedhet.data.records import Record
 from fedhet.errors import FedhetError
 from fedhet.model.lora import AdapterState
 from fedhet.reports.results import run_header, write_section
-from fedhet.reports.study_plots import plot_scatter, plot_vs_alpha
-from fedhet.reports.summary import fmt
-from fedhet.runtime.evaluation import evaluate_adapter
+from fedhet.reports.study_plots import plot_gains
+from fedhet.runtime.run_dir import clear_run_dir
 from fedhet.runtime.sim import Simulation
-from fedhet.study.cells import Cell, cells_of, client_gains, improvement, mean_se, pairs
+from fedhet.study.cells import Cell, Scores
+from fedhet.study.report import study_report
 
 Axis = Literal["length", "quality", "quantity"]
 METHODS: dict[str, str] = {
@@ -70,26 +78,38 @@ METHODS: dict[str, str] = {
 
 
 class StudyConfig(BaseModel):
-    """The ``study:`` section of a context-study file.
+    """The ``study:`` section of a context-study file (module docstring).
 
     ``models``: base models (built-in names, local folders or hub ids; None: the
-    experiment's ``model.name``). ``local_steps``: steps of local-only training per client
-    (None: ``federation.rounds × train.steps``). ``length``, ``quality``, ``quantity``: the
-    ``partition.params`` of each axis (see :mod:`fedhet.data.context`); ``quantity``'s
-    ``levels`` default to :data:`~fedhet.data.context.QUANTITY_LEVELS`.
+    experiment's ``model.name``). ``seeds``: the seeds of every cell. ``local_steps``:
+    steps of local-only training per client (None: ``federation.rounds × train.steps``).
+    ``local_clients``: clients trained alone and scored locally (the first ones; None:
+    all). ``rouge_local`` / ``rouge_global``: records scored by ROUGE-L per client / on
+    the global test set (0: none). ``margin``: the bound of a "minimal" effect, as a share
+    of the local-only gain at the largest α (:mod:`fedhet.study.report`). ``length``,
+    ``quality``, ``quantity``: the ``partition.params`` of each axis (see
+    :mod:`fedhet.data.context`); ``quantity``'s ``levels`` default to
+    :data:`~fedhet.data.context.QUANTITY_LEVELS`.
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    axes: list[Axis] = Field(default_factory=lambda: ["length", "quality"], min_length=1)
-    alphas: list[float] = Field(default_factory=lambda: [0.1, 0.5, 1.0, 100.0], min_length=1)
+    axes: list[Axis] = Field(
+        default_factory=lambda: ["length", "quality", "quantity"], min_length=1
+    )
+    alphas: list[float] = Field(default_factory=lambda: [0.1, 1.0, 100.0], min_length=1)
     models: list[str] | None = Field(None, min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     local_steps: int | None = Field(None, ge=1)
+    local_clients: int | None = Field(None, ge=1)
+    rouge_local: int = Field(4, ge=0)
+    rouge_global: int = Field(32, ge=0)
+    margin: float = Field(0.25, gt=0)
     length: dict[str, Any] = Field(default_factory=dict)
     quality: dict[str, Any] = Field(default_factory=dict)
     quantity: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("axes", "alphas", "models")
+    @field_validator("axes", "alphas", "models", "seeds")
     @classmethod
     def _distinct(cls, values: list | None) -> list | None:
         if values is not None and len(set(values)) != len(values):
@@ -107,7 +127,6 @@ class StudyConfig(BaseModel):
 @dataclass
 class StudyResult:
     cells: list[Cell]
-    metric: str
     out_dir: Path
     report: str
     plots: list[Path] = field(default_factory=list)
@@ -146,7 +165,160 @@ def load_study(
     cfg = resolve_paths(validate_config(raw, source=str(path)), Path(path).parent)
     if cfg.eval.unseen_clients:
         raise FedhetError(f"{path}: field eval.unseen_clients must be 0 in a context study")
+    if cfg.data.local_test_size is None:
+        raise FedhetError(
+            f"{path}: field data.local_test_size is required by the context study's paired "
+            "design (the same test records for every client in every cell)"
+        )
     return cfg, study
+
+
+# ------------------------------------------------------------------------------ units
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One piece of work: the base scores of (model, seed) when ``axis`` is None, else
+    the cell (model, axis, α, seed)."""
+
+    model: str
+    seed: int
+    axis: str | None = None
+    alpha: float | None = None
+
+    @property
+    def name(self) -> str:
+        return "base" if self.axis is None else f"{self.axis}-a{self.alpha:g}"
+
+    @property
+    def label(self) -> str:
+        return f"{_slug(self.model)} seed {self.seed} {self.name}"
+
+    def path(self, out_dir: Path) -> Path:
+        return out_dir / "units" / _slug(self.model) / f"seed{self.seed}" / f"{self.name}.json"
+
+
+def units(study: StudyConfig, models: list[str]) -> list[Unit]:
+    """Every unit in run order (module docstring)."""
+    out = []
+    for model in models:
+        out += [Unit(model, seed) for seed in study.seeds]
+        out += [
+            Unit(model, seed, axis, alpha)
+            for axis in study.axes
+            for alpha in study.alphas
+            for seed in study.seeds
+        ]
+    return out
+
+
+def unit_config(cfg: ExperimentConfig, study: StudyConfig, unit: Unit) -> ExperimentConfig:
+    """The experiment config a unit runs (a base unit: its seed's first cell's data,
+    whose test records every cell of the seed shares)."""
+    axis, alpha = unit.axis or study.axes[0], unit.alpha or study.alphas[0]
+    out = cfg.model_copy(deep=True)
+    out.name = f"{_slug(unit.model)}-s{unit.seed}-{axis}-a{alpha:g}"
+    out.output_dir = str(cfg.run_dir / "runs")
+    out.seed = out.data.seed = unit.seed
+    out.model.name = unit.model
+    out.data.partition.method = METHODS[axis]
+    out.data.partition.alpha = alpha
+    out.data.partition.params = _axis_params(study, axis)
+    out.eval.local_clients, out.eval.global_size = 0, 1  # the study scores the models
+    return out
+
+
+def _unit_key(cfg: ExperimentConfig, study: StudyConfig, unit: Unit) -> dict[str, Any]:
+    """What a unit's result depends on (a saved unit with another key is re-run)."""
+    keep = ("local_steps", "local_clients", "rouge_local", "rouge_global")
+    run = unit_config(cfg, study, unit).model_dump(mode="json")
+    run.pop("output_dir")
+    return {"unit": asdict(unit), "config": run, "study": {k: getattr(study, k) for k in keep},
+            "eval": cfg.eval.model_dump(mode="json")}
+
+
+def run_unit(
+    cfg_raw: dict[str, Any],
+    study_raw: dict[str, Any],
+    unit: Unit,
+    path: str,
+    data_dir: str | None,
+    threads: int | None,
+) -> None:
+    """Run one unit (in a worker process or here) and write its JSON file."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg, study = ExperimentConfig.model_validate(cfg_raw), StudyConfig.model_validate(study_raw)
+    started = time.perf_counter()
+    run_cfg = unit_config(cfg, study, unit)
+    fed = build_federated_data(run_cfg.data, data_dir=data_dir)
+    sim = Simulation(run_cfg, fed=fed)
+    clients = fed.clients[: study.local_clients]
+    scorer = _Scorer(sim, cfg, study)
+    if unit.axis is None:
+        result: dict[str, Any] = {"base": asdict(scorer.scores(sim.init_state, clients, fed))}
+    else:
+        local_steps = study.local_steps or cfg.federation.rounds * cfg.train.steps
+        local_only = Scores()
+        for client in clients:
+            plan = sim.base_plan.with_overrides(
+                {"steps": local_steps, "seed": _seed(unit.seed, client.client_id)}
+            )
+            state = local_update(
+                sim.lm, sim.examples[client.client_id], sim.init_state, plan, pad_id=sim.pad_id
+            ).state
+            for metric, value in scorer.client(state, client.test).items():
+                local_only.local.setdefault(metric, {})[str(client.client_id)] = value
+        clear_run_dir(run_cfg)  # a unit stopped half-way starts again
+        federated = scorer.scores(sim.run().state, clients, fed)
+        examples = [e for client in sim.examples for e in client]
+        result = {
+            "local_only": asdict(local_only),
+            "federated": asdict(federated),
+            "alpha_hat": estimate_alpha(_group_counts(fed)),
+            "cut_fraction": float(
+                np.mean([len(e.input_ids) >= run_cfg.data.max_length for e in examples])
+            ),
+        }
+    result["wall_s"] = time.perf_counter() - started
+    result["key"] = _unit_key(cfg, study, unit)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=1))
+
+
+class _Scorer:
+    """Loss and ROUGE-L of adapter states on records (module docstring)."""
+
+    def __init__(self, sim: Simulation, cfg: ExperimentConfig, study: StudyConfig) -> None:
+        self.sim, self.ev, self.study = sim, cfg.eval, study
+        self.max_length = cfg.data.max_length
+
+    def records(self, state: AdapterState, records: list[Record], rouge: int) -> dict[str, float]:
+        lm = self.sim.lm
+        lm.load_state(state)
+        kw = {"max_length": self.max_length, "batch_size": self.ev.batch_size}
+        out = {"loss": evaluate(lm.model, self.sim.tokenizer, records, "loss", **kw)["loss"]}
+        if rouge:
+            scored = records[:rouge]
+            preds = generate(lm.model, self.sim.tokenizer, scored,
+                             max_new_tokens=self.ev.max_new_tokens, **kw)
+            out["rouge_l"] = rouge_l(preds, [r.response for r in scored])
+        return out
+
+    def client(self, state: AdapterState, records: list[Record]) -> dict[str, float]:
+        return self.records(state, records, self.study.rouge_local)
+
+    def scores(self, state: AdapterState, clients: list, fed: FederatedData) -> Scores:
+        out = Scores()
+        for client in clients:
+            for metric, value in self.client(state, client.test).items():
+                out.local.setdefault(metric, {})[str(client.client_id)] = value
+        out.global_ = self.records(
+            state, fed.global_test[: self.ev.global_size], self.study.rouge_global
+        )
+        return out
 
 
 # ------------------------------------------------------------------------------ runner
@@ -159,57 +331,86 @@ def run_context_study(
     data_dir: str | Path | None = None,
     out: str | Path | None = None,
     command: str = "",
-    show_progress: bool = False,
+    jobs: int = 1,
+    log: Callable[[str], None] = print,
 ) -> StudyResult:
-    """Run every cell, write the outputs (module docstring) and return them."""
+    """Run (or reuse) every unit, write the outputs (module docstring) and return them."""
     started = time.perf_counter()
     out_dir = cfg.run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     models = study.models or [cfg.model.name]
-    local_steps = study.local_steps or cfg.federation.rounds * cfg.train.steps
-    cells: list[Cell] = []
-    for axis in study.axes:
-        for alpha in study.alphas:
-            data = cfg.data.model_copy(deep=True)
-            data.partition.method = METHODS[axis]
-            data.partition.alpha = alpha
-            data.partition.params = _axis_params(study, axis)
-            fed = build_federated_data(data, data_dir=data_dir)
-            alpha_hat = estimate_alpha(_group_counts(fed))
-            for model in models:
-                cell_cfg = cfg.model_copy(deep=True)
-                cell_cfg.name = f"{_slug(model)}-{axis}-a{alpha:g}"
-                cell_cfg.output_dir = str(out_dir / "runs")
-                cell_cfg.model.name = model
-                cell_cfg.data = data
-                cell_cfg.eval.local_clients = len(fed.clients)
-                cells.append(_run_cell(cell_cfg, fed, axis, alpha_hat, local_steps, show_progress))
-    metric = result_key(cfg.eval.metric)
-    plots = [
-        plot_vs_alpha(cells, metric, out_dir / "perf_vs_alpha.png"),
-        plot_scatter(cells, metric, out_dir / "clients_scatter.png"),
-    ]
+    todo = [u for u in units(study, models) if not _done(cfg, study, u, out_dir)]
+    log(f"context study: {len(todo)} units to run, {len(units(study, models)) - len(todo)} reused")
+    args = (cfg.model_dump(mode="json"), study.model_dump(mode="json"))
+    data = None if data_dir is None else str(data_dir)
+    if jobs <= 1:
+        for unit in todo:
+            log(f"start: {unit.label}")
+            run_unit(*args, unit, str(unit.path(out_dir)), data, None)
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            pending: dict[Future, Unit] = {}
+            while todo or pending:
+                while todo and len(pending) < jobs:
+                    unit = todo.pop(0)
+                    log(f"start: {unit.label}")
+                    path = str(unit.path(out_dir))
+                    pending[pool.submit(run_unit, *args, unit, path, data, 1)] = unit
+                done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+                for fut in done:
+                    fut.result()  # a failed unit stops the study with its error
+                    log(f"done: {pending.pop(fut).label}")
+    cells = load_cells(cfg, study, models)
     wall = time.perf_counter() - started
-    study_lines = _study_lines(cfg, study, models, local_steps, wall)
-    header = f"{run_header(command or None)}\n{study_lines}"
-    tables = study_table(cells, metric) + "\n" + contrast_table(cells, metric)
+    plots = [
+        plot_gains(cells, model, out_dir / f"gains-{_slug(model)}.png")
+        for model in models
+        if any(c.model == model for c in cells)
+    ]
+    lines = _study_lines(cfg, study, models, wall)
+    body = study_report(cells, study.margin)
     (out_dir / "study.md").write_text(
-        f"# {cfg.name}\n\n{header}\n{tables}" + "".join(f"\n![{p.stem}]({p.name})\n" for p in plots)
+        f"# {cfg.name}\n\n{run_header(command or None)}\n{lines}\n{body}"
+        + "".join(f"\n![{p.stem}]({p.name})\n" for p in plots)
     )
-    (out_dir / "study.json").write_text(
-        json.dumps({"metric": metric, "cells": [asdict(c) for c in cells]}, indent=1)
-    )
-    report = f"{header}\n{tables}"
+    (out_dir / "study.json").write_text(json.dumps([asdict(c) for c in cells], indent=1))
     if out is not None:
-        write_section(
-            cfg.name,
-            f"{cfg.name}: context length and quality as non-IID dimensions (CLLoRA)",
-            f"{study_lines}\n{tables}",
-            out,
-            figures=plots,
-            command=command or None,
-        )
-    return StudyResult(cells, metric, out_dir, report, plots)
+        title = f"{cfg.name}: context length, quality and quantity as non-IID dimensions (CLLoRA)"
+        write_section(cfg.name, title, f"{lines}\n{body}", out, figures=plots,
+                      command=command or None)
+    return StudyResult(cells, out_dir, f"{run_header(command or None)}\n{lines}\n{body}", plots)
+
+
+def _done(cfg: ExperimentConfig, study: StudyConfig, unit: Unit, out_dir: Path) -> bool:
+    path = unit.path(out_dir)
+    if not path.is_file():
+        return False
+    saved = json.loads(path.read_text()).get("key")
+    return json.dumps(saved, sort_keys=True) == json.dumps(
+        _unit_key(cfg, study, unit), sort_keys=True
+    )
+
+
+def load_cells(cfg: ExperimentConfig, study: StudyConfig, models: list[str]) -> list[Cell]:
+    """The finished cells (with their seed's base scores) of the study's units."""
+    out_dir, cells = cfg.run_dir, []
+    for unit in units(study, models):
+        base_path = Unit(unit.model, unit.seed).path(out_dir)
+        if unit.axis is None or not (
+            _done(cfg, study, unit, out_dir) and _done(cfg, study, Unit(unit.model, unit.seed),
+                                                       out_dir)
+        ):
+            continue
+        saved = json.loads(unit.path(out_dir).read_text())
+        base = json.loads(base_path.read_text())["base"]
+        cells.append(Cell.from_dict({
+            "model": unit.model, "axis": unit.axis, "alpha": unit.alpha, "seed": unit.seed,
+            "alpha_hat": saved["alpha_hat"], "cut_fraction": saved["cut_fraction"],
+            "wall_s": saved["wall_s"], "base": base, "local_only": saved["local_only"],
+            "federated": saved["federated"],
+        }))
+    return cells
 
 
 def _axis_params(study: StudyConfig, axis: str) -> dict[str, Any]:
@@ -219,61 +420,12 @@ def _axis_params(study: StudyConfig, axis: str) -> dict[str, Any]:
     return dict(getattr(study, axis))
 
 
-def _run_cell(
-    cfg: ExperimentConfig,
-    fed: FederatedData,
-    axis: str,
-    alpha_hat: float,
-    local_steps: int,
-    show_progress: bool,
-) -> Cell:
-    started = time.perf_counter()
-    sim = Simulation(cfg, fed=fed, show_progress=show_progress)
-    key = result_key(cfg.eval.metric)
-    local_only: dict[str, float] = {}
-    for client in fed.clients:
-        if not client.test:
-            continue
-        plan = sim.base_plan.with_overrides(
-            {"steps": local_steps, "seed": _seed(cfg.seed, client.client_id)}
-        )
-        state = local_update(
-            sim.lm, sim.examples[client.client_id], sim.init_state, plan, pad_id=sim.pad_id
-        ).state
-        local_only[str(client.client_id)] = _score(sim, state, client.test, key)
-    metrics = sim.run().metrics
-    evaluated = [m for m in metrics if f"global_{key}" in m]
-    before, after = evaluated[0], evaluated[-1]
-    max_length = cfg.data.max_length
-    examples = [e for client in sim.examples for e in client]
-    return Cell(
-        model=cfg.model.name,
-        axis=axis,
-        alpha=cfg.data.partition.alpha,
-        alpha_hat=alpha_hat,
-        local_before=before.get("local_per_client", {}),
-        local_only=local_only,
-        local_federated=after.get("local_per_client", {}),
-        global_before=before[f"global_{key}"],
-        global_federated=after[f"global_{key}"],
-        global_loss_federated=after["global_loss"],
-        cut_fraction=float(np.mean([len(e.input_ids) >= max_length for e in examples])),
-        wall_s=time.perf_counter() - started,
-    )
-
-
-def _score(sim: Simulation, state: AdapterState, records: list, key: str) -> float:
-    """``state`` on ``records`` exactly as the simulator evaluates a client's test split."""
-    ev = sim.cfg.eval
-    records = records[: ev.local_size]
-    max_length = sim.cfg.data.max_length
-    return evaluate_adapter(sim.lm, sim.tokenizer, state, records, ev, max_length=max_length)[key]
-
-
 def _group_counts(fed: FederatedData) -> np.ndarray:
-    """Clients × groups record counts (the groups any client holds)."""
-    hist = np.array([list(fed.category_histogram(c.client_id).values()) for c in fed.clients])
-    return hist[:, hist.sum(axis=0) > 0]
+    """Clients × groups training-record counts (the paired test records, drawn before
+    the partition, carry no group)."""
+    groups = sorted({r.category for c in fed.clients for r in c.train})
+    hist = np.array([[sum(r.category == g for r in c.train) for g in groups] for c in fed.clients])
+    return hist
 
 
 def _seed(seed: int, client_id: int) -> int:
@@ -284,87 +436,26 @@ def _slug(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", Path(model).name or model).strip("-").lower()
 
 
-# ------------------------------------------------------------------------------ tables
-
-
-def _mean_std(scores: dict[str, float]) -> str:
-    if not scores:
-        return "—"
-    values = np.array(list(scores.values()))
-    return f"{values.mean():.4g} ± {values.std():.2g}"
-
-
-def study_table(cells: list[Cell], metric: str) -> str:
-    """One row per cell: α̂, local (mean ± std over clients) and global scores."""
-    head = (
-        "| model | axis | α | α̂ | local before | local-only | local federated | "
-        "global before | global federated | global loss | cut | wall s |\n" + "|---" * 12 + "|\n"
-    )
-    rows = [
-        f"| {c.model} | {c.axis} | {c.alpha:g} | {fmt(c.alpha_hat)} | {_mean_std(c.local_before)} "
-        f"| {_mean_std(c.local_only)} | {_mean_std(c.local_federated)} | {fmt(c.global_before)} "
-        f"| {fmt(c.global_federated)} | {fmt(c.global_loss_federated)} "
-        f"| {c.cut_fraction:.0%} | {c.wall_s:.0f} |\n"
-        for c in cells
-    ]
-    note = (
-        f"\nScores: {metric} ({'lower' if metric == 'loss' else 'higher'} is better); local = "
-        "each client's own test split, mean ± std over clients; cut = training examples "
-        "filling max_length.\n"
-    )
-    return head + "".join(rows) + note
-
-
-def contrast_table(cells: list[Cell], metric: str) -> str:
-    """Per model and axis: gains at the most skewed α and at the most even α, and their
-    difference (negative: skew hurts). Local gain: mean over clients of the paired
-    improvement of local-only training over the base model on the client's test split
-    (± its standard error); global gain: the global model over the base model."""
-    lines = [
-        "| model | axis | local gain, α min | local gain, α max | Δ local | "
-        "global gain, α min | global gain, α max | Δ global |\n" + "|---" * 8 + "|\n"
-    ]
-    for model, axis in pairs(cells):
-        row = cells_of(cells, model, axis)
-        if len(row) < 2:
-            continue
-        lo, hi = row[0], row[-1]
-        local = [mean_se(client_gains(c, "local_only", metric).values()) for c in (lo, hi)]
-        glob = [improvement(c.global_before, c.global_federated, metric) for c in (lo, hi)]
-        lines.append(
-            f"| {model} | {axis} | {local[0][0]:.4g} ± {local[0][1]:.2g} (α={lo.alpha:g}) "
-            f"| {local[1][0]:.4g} ± {local[1][1]:.2g} (α={hi.alpha:g}) "
-            f"| {local[0][0] - local[1][0]:+.4g} | {glob[0]:.4g} | {glob[1]:.4g} "
-            f"| {glob[0] - glob[1]:+.4g} |\n"
-        )
-    return "".join(lines) + (
-        "\nGains are improvements in the metric (positive = better than the base model); "
-        "Δ = gain at the smallest α − gain at the largest α.\n"
-    )
-
-
-# ------------------------------------------------------------------------------ report
-
-
 def _study_lines(
-    cfg: ExperimentConfig,
-    study: StudyConfig,
-    models: list[str],
-    local_steps: int,
-    wall: float,
+    cfg: ExperimentConfig, study: StudyConfig, models: list[str], wall: float
 ) -> str:
     d, f, t = cfg.data, cfg.federation, cfg.train
+    local_steps = study.local_steps or f.rounds * t.steps
     return (
-        f"- wall time {wall / 60:.1f} min\n"
+        f"- wall time {wall / 60:.1f} min (units reused from earlier runs count as 0)\n"
         f"- models {', '.join(models)}; axes {', '.join(study.axes)}; "
-        f"α ∈ {{{', '.join(f'{a:g}' for a in study.alphas)}}}; strategy {cfg.strategy.name}\n"
+        f"α ∈ {{{', '.join(f'{a:g}' for a in study.alphas)}}}; seeds "
+        f"{', '.join(map(str, study.seeds))}; strategy {cfg.strategy.name}\n"
         f"- data {d.source} {d.tasks or ''} (limit {d.limit}), "
-        f"{d.partition.num_clients} clients, max_length {d.max_length}, global test "
-        f"{min(d.global_test_size, cfg.eval.global_size)}, local test ≤ {cfg.eval.local_size} "
-        f"per client; axis params: "
+        f"{d.partition.num_clients} clients, max_length {d.max_length}; paired local test "
+        f"records: {d.local_test_size} per client, scored for "
+        f"{study.local_clients or d.partition.num_clients} clients; global test "
+        f"{min(d.global_test_size, cfg.eval.global_size)}; ROUGE-L on {study.rouge_local} "
+        f"local records per client and {study.rouge_global} global ones (greedy, "
+        f"≤ {cfg.eval.max_new_tokens} new tokens); axis params: "
         + "; ".join(f"{a} {_axis_params(study, a) or 'defaults'}" for a in study.axes)
         + "\n"
         f"- federated: {f.rounds} rounds × {f.clients_per_round} clients × {t.steps} steps "
         f"(batch {t.batch_size}, lr {t.lr:g}); local-only: {local_steps} steps per client; "
-        f"LoRA r={cfg.lora.rank} on {', '.join(cfg.lora.target_modules)}; seed {cfg.seed}\n"
+        f"LoRA r={cfg.lora.rank} on {', '.join(cfg.lora.target_modules)}\n"
     )
