@@ -119,9 +119,10 @@ def claims(cells: list[Cell], margin: float) -> str:
 
 
 def sizing(cells: list[Cell]) -> str:
-    """Per model and axis at the largest α: the federated global gain against the
-    between-seed standard deviation of the federated global loss (the issue's sizing
-    rule: the gain should be several times the spread)."""
+    """Per model and axis at the largest α: the federated global gain (mean and std over
+    seeds) against the between-seed standard deviation of the federated global loss (the
+    issue's sizing rule: the gain should be several times the spread; the loss's spread
+    includes each seed's own global test draw, the gain's does not)."""
     lines = []
     for model, axis in pairs(cells):
         row = cells_of(cells, model, axis)
@@ -130,12 +131,12 @@ def sizing(cells: list[Cell]) -> str:
         top = cells_of(cells, model, axis, alphas(row)[-1])
         gain = interval([global_gain(c, PRIMARY) for c in top])
         spread = interval([c.federated.global_.get(PRIMARY) for c in top])
-        if gain is None or spread is None or spread.std is None:
+        if gain is None or gain.std is None or spread is None or spread.std is None:
             continue
         ratio = gain.mean / spread.std if spread.std > 0 else math.inf
         lines.append(f"- {model}, {axis}, α = {alphas(row)[-1]:g}: global gain "
-                     f"{gain.mean:.3f}, between-seed std of the global loss "
-                     f"{spread.std:.3f} (gain / std = {ratio:.1f})")
+                     f"{gain.mean:.3g} (std over seeds {gain.std:.2g}), between-seed std of "
+                     f"the global loss {spread.std:.3g}: gain / loss std = {ratio:.1f}")
     return "\n".join(lines) + ("\n" if lines else "")
 
 
