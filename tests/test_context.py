@@ -298,6 +298,7 @@ def test_study_pairs_its_cells_reuses_units_and_reports_the_claims(tmp_path):
     ]
     for cell in result.cells:
         assert set(cell.base.local) == {"loss"} and set(cell.base.global_) == {"loss", "rouge_l"}
+        assert cell.metrics == ["loss", "rouge_l"]  # ROUGE-L scored globally only
         assert set(cell.local_only.local["loss"]) == set(cell.federated.local["loss"]) == {
             "0", "1", "2"
         }
@@ -307,7 +308,7 @@ def test_study_pairs_its_cells_reuses_units_and_reports_the_claims(tmp_path):
     assert result.cells[0].base != result.cells[1].base  # seeds 0 and 1: other test records
     report = result.report
     assert report.count("| tiny | quality |") == 2
-    assert "quality imbalance hurts local training: Δ = " in report
+    assert "quality imbalance hurts local training (α 0.1 vs 100): Δ = " in report
     assert "→ **" in report and "between-seed std of the global loss" in report
     text = out.read_text()
     assert "old" not in text and text.endswith("kept\n") and text.count(":start -->") == 1
@@ -345,11 +346,11 @@ def test_claims_on_made_up_gains():
     quality = effect(cells, "m", "quality", global_gain, "loss")
     assert (quality.mean, quality.n) == (pytest.approx(0.05), 3)
     text = claims(cells, margin=0.25)
-    assert "quality imbalance hurts local training: Δ = 0.1 [0.1, 0.1]" in text
-    lines = {line.split(":")[0]: line for line in text.splitlines() if line.startswith("- ")}
+    assert "quality imbalance hurts local training (α 0.1 vs 100): Δ = 0.1 [0.1, 0.1]" in text
+    lines = {line.split(" (")[0]: line for line in text.splitlines() if line.startswith("- ")}
     assert lines["- quality imbalance hurts local training"].endswith("**confirmed**")
     assert lines["- quality imbalance hurts the global model"].endswith("**confirmed**")
-    minimal = next(v for k, v in lines.items() if k.startswith("- length imbalance barely"))
+    minimal = lines["- length imbalance barely affects local training"]
     assert "inside ±0.1" in minimal and "**confirmed**" in minimal  # Δ = 0 ± 0.05 in ±0.1
     assert lines["- length imbalance affects the global model"].endswith("**refuted**")
     noisy = [replace(c, local_only=Scores({"loss": {"0": 2.0 - 0.5 * c.seed, "1": 2.0}}))

@@ -64,7 +64,8 @@ class Cell:
 
     @property
     def metrics(self) -> list[str]:
-        return list(self.base.local)
+        """The metrics scored locally or globally, loss first."""
+        return list(dict.fromkeys([*self.base.local, *self.base.global_]))
 
 
 def gain(before: float, after: float, metric: str) -> float:

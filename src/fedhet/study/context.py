@@ -25,8 +25,8 @@ on the global test set (capped at ``eval.global_size``); ``rouge_l`` (greedy, at
 ``eval.max_new_tokens`` new tokens) on the first ``study.rouge_local`` test records of each
 client and the first ``study.rouge_global`` global records (0: no ROUGE-L). ``study
 .local_clients`` limits local-only training and local scores to the first clients (None:
-all). The federated run's own evaluations are reduced to one global record at its start
-and end: the study scores the final adapter itself.
+all). The federated run's own evaluations are reduced to one global record (no local
+ones): the study scores the final adapter itself.
 
 Local-only training runs ``local_steps`` steps (default: ``federation.rounds ×
 train.steps``, the sequential steps behind the global model) of the experiment's training
@@ -39,6 +39,7 @@ the report also replaces its section in that markdown file (:func:`write_section
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import re
@@ -57,12 +58,13 @@ from fedhet.client.evaluate import evaluate, generate, rouge_l
 from fedhet.client.train import local_update
 from fedhet.config import ExperimentConfig, apply_overrides, resolve_paths, validate_config
 from fedhet.data.context import QUANTITY_LEVELS, estimate_alpha
-from fedhet.data.federated import FederatedData, build_federated_data
+from fedhet.data.federated import ClientData, FederatedData, build_federated_data
 from fedhet.data.records import Record
 from fedhet.errors import FedhetError
 from fedhet.model.lora import AdapterState
 from fedhet.reports.results import run_header, write_section
 from fedhet.reports.study_plots import plot_gains
+from fedhet.runtime.executor import seed_of
 from fedhet.runtime.run_dir import clear_run_dir
 from fedhet.runtime.sim import Simulation
 from fedhet.study.cells import Cell, Scores
@@ -264,7 +266,7 @@ def run_unit(
         local_only = Scores()
         for client in clients:
             plan = sim.base_plan.with_overrides(
-                {"steps": local_steps, "seed": _seed(unit.seed, client.client_id)}
+                {"steps": local_steps, "seed": seed_of(unit.seed, 41, client.client_id)}
             )
             state = local_update(
                 sim.lm, sim.examples[client.client_id], sim.init_state, plan, pad_id=sim.pad_id
@@ -284,8 +286,10 @@ def run_unit(
         }
     result["wall_s"] = time.perf_counter() - started
     result["key"] = _unit_key(cfg, study, unit)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(result, indent=1))
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".tmp").write_text(json.dumps(result, indent=1))
+    out.with_suffix(".tmp").replace(out)  # a unit stopped while writing leaves no half file
 
 
 class _Scorer:
@@ -295,7 +299,7 @@ class _Scorer:
         self.sim, self.ev, self.study = sim, cfg.eval, study
         self.max_length = cfg.data.max_length
 
-    def records(self, state: AdapterState, records: list[Record], rouge: int) -> dict[str, float]:
+    def score(self, state: AdapterState, records: list[Record], rouge: int) -> dict[str, float]:
         lm = self.sim.lm
         lm.load_state(state)
         kw = {"max_length": self.max_length, "batch_size": self.ev.batch_size}
@@ -308,14 +312,16 @@ class _Scorer:
         return out
 
     def client(self, state: AdapterState, records: list[Record]) -> dict[str, float]:
-        return self.records(state, records, self.study.rouge_local)
+        return self.score(state, records, self.study.rouge_local)
 
-    def scores(self, state: AdapterState, clients: list, fed: FederatedData) -> Scores:
+    def scores(
+        self, state: AdapterState, clients: list[ClientData], fed: FederatedData
+    ) -> Scores:
         out = Scores()
         for client in clients:
             for metric, value in self.client(state, client.test).items():
                 out.local.setdefault(metric, {})[str(client.client_id)] = value
-        out.global_ = self.records(
+        out.global_ = self.score(
             state, fed.global_test[: self.ev.global_size], self.study.rouge_global
         )
         return out
@@ -424,16 +430,16 @@ def _group_counts(fed: FederatedData) -> np.ndarray:
     """Clients × groups training-record counts (the paired test records, drawn before
     the partition, carry no group)."""
     groups = sorted({r.category for c in fed.clients for r in c.train})
-    hist = np.array([[sum(r.category == g for r in c.train) for g in groups] for c in fed.clients])
-    return hist
-
-
-def _seed(seed: int, client_id: int) -> int:
-    return int(np.random.default_rng([seed, 41, client_id]).integers(2**31 - 1))
+    return np.array([[sum(r.category == g for r in c.train) for g in groups] for c in fed.clients])
 
 
 def _slug(model: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "-", Path(model).name or model).strip("-").lower()
+    """A folder name for a model: its last path part, plus a short hash of the whole string
+    when that is a local path (two folders of the same name stay apart)."""
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", Path(model).name or model).strip("-").lower()
+    if Path(model).expanduser().exists():
+        slug += "-" + hashlib.sha256(model.encode()).hexdigest()[:8]
+    return slug
 
 
 def _study_lines(

@@ -27,8 +27,16 @@ from __future__ import annotations
 import math
 
 from fedhet.experiments.stats import Interval, interval, seeds_needed, verdict
-from fedhet.study.cells import QUANTITIES, Cell, alphas, effect, global_gain, over_seeds, pairs
-from fedhet.study.cells import select as cells_of
+from fedhet.study.cells import (
+    QUANTITIES,
+    Cell,
+    alphas,
+    effect,
+    global_gain,
+    over_seeds,
+    pairs,
+    select,
+)
 
 PRIMARY = "loss"
 
@@ -51,8 +59,8 @@ def gain_table(cells: list[Cell]) -> str:
     head = "| model | axis | α | seeds | α̂ | " + " | ".join(f"{n} ({m})" for n, m in cols)
     lines = [head + " | wall s |", "|---" * (6 + len(cols)) + "|"]
     for model, axis in pairs(cells):
-        for a in alphas(cells_of(cells, model, axis)):
-            row = cells_of(cells, model, axis, a)
+        for a in alphas(select(cells, model, axis)):
+            row = select(cells, model, axis, a)
             hat = interval([c.alpha_hat for c in row if math.isfinite(c.alpha_hat)])
             values = [fmt_ci(over_seeds(row, QUANTITIES[n], m)) for n, m in cols]
             wall = sum(c.wall_s for c in row) / len(row)
@@ -86,35 +94,39 @@ def _claim_line(text: str, est: Interval | None, low: float, high: float | None)
 
 
 def claims(cells: list[Cell], margin: float) -> str:
-    """Per model, the verdicts on CLLoRA's claims (module docstring)."""
+    """Per model, the verdicts on CLLoRA's claims (module docstring); each line names the
+    two α its effect compares (in a study stopped early they may not be the extremes)."""
     local, glob = QUANTITIES["local-only gain"], global_gain
     lines: list[str] = []
     for model in dict.fromkeys(c.model for c in cells):
-        axes = {a for m, a in pairs(cells) if m == model and cells_of(cells, m, a)}
         lines.append(f"\n**{model}** (effect Δ = gain at the largest α − gain at the smallest, "
                      f"{PRIMARY}; positive = skew hurts)\n")
-        if "quality" in axes:
-            lines.append(_claim_line("quality imbalance hurts local training",
-                                     effect(cells, model, "quality", local, PRIMARY), 0.0, None))
-            lines.append(_claim_line("quality imbalance hurts the global model",
-                                     effect(cells, model, "quality", glob, PRIMARY), 0.0, None))
-        if "length" in axes:
-            row = cells_of(cells, model, "length")
-            top = over_seeds(cells_of(cells, model, "length", alphas(row)[-1]), local, PRIMARY)
-            eps = None if top is None else margin * abs(top.mean)
-            est = effect(cells, model, "length", local, PRIMARY)
-            if eps:
-                lines.append(_claim_line(
-                    f"length imbalance barely affects local training (ε = {margin:g} × the "
-                    f"local-only gain at α = {alphas(row)[-1]:g})", est, -eps, eps))
-            lines.append(_claim_line("length imbalance affects the global model",
-                                     effect(cells, model, "length", glob, PRIMARY), 0.0, None))
-        if "quantity" in axes:
-            lines.append(
-                f"- quantity (no claim): Δ local-only = "
-                f"{fmt_ci(effect(cells, model, 'quantity', local, PRIMARY))}, Δ global = "
-                f"{fmt_ci(effect(cells, model, 'quantity', glob, PRIMARY))}"
-            )
+        for axis in dict.fromkeys(c.axis for c in cells if c.model == model):
+            row = select(cells, model, axis)
+            span = f"α {alphas(row)[0]:g} vs {alphas(row)[-1]:g}"
+            d_local = effect(cells, model, axis, local, PRIMARY)
+            d_global = effect(cells, model, axis, glob, PRIMARY)
+            if axis == "quality":
+                lines.append(_claim_line(f"quality imbalance hurts local training ({span})",
+                                         d_local, 0.0, None))
+                lines.append(_claim_line(f"quality imbalance hurts the global model ({span})",
+                                         d_global, 0.0, None))
+            elif axis == "length":
+                top = over_seeds(select(row, model, axis, alphas(row)[-1]), local, PRIMARY)
+                eps = None if top is None else margin * abs(top.mean)
+                text = f"length imbalance barely affects local training ({span}"
+                if eps:
+                    lines.append(_claim_line(
+                        f"{text}; ε = {margin:g} × the local-only gain at α = "
+                        f"{alphas(row)[-1]:g})", d_local, -eps, eps))
+                else:
+                    lines.append(f"- {text}): Δ = {fmt_ci(d_local)}; no local-only gain at "
+                                 "the largest α to bound a minimal effect → **inconclusive**")
+                lines.append(_claim_line(f"length imbalance affects the global model ({span})",
+                                         d_global, 0.0, None))
+            else:
+                lines.append(f"- {axis} ({span}; no claim): Δ local-only = {fmt_ci(d_local)}, "
+                             f"Δ global = {fmt_ci(d_global)}")
     return "\n".join(lines) + "\n"
 
 
@@ -125,10 +137,10 @@ def sizing(cells: list[Cell]) -> str:
     includes each seed's own global test draw, the gain's does not)."""
     lines = []
     for model, axis in pairs(cells):
-        row = cells_of(cells, model, axis)
+        row = select(cells, model, axis)
         if not row:
             continue
-        top = cells_of(cells, model, axis, alphas(row)[-1])
+        top = select(cells, model, axis, alphas(row)[-1])
         gain = interval([global_gain(c, PRIMARY) for c in top])
         spread = interval([c.federated.global_.get(PRIMARY) for c in top])
         if gain is None or gain.std is None or spread is None or spread.std is None:
