@@ -277,7 +277,7 @@ def test_study_pairs_its_cells_reuses_units_and_reports_the_claims(tmp_path):
             f"output_dir={tmp_path}",
             "study.alphas=[0.1,100]",
             "study.axes=[quality]",
-            "study.rouge_local=0",
+            "study.rouge_local=1",
             "study.rouge_global=2",
             "data.partition.num_clients=3",
             "data.limit=60",
@@ -297,8 +297,10 @@ def test_study_pairs_its_cells_reuses_units_and_reports_the_claims(tmp_path):
         ("quality", alpha, seed) for alpha in (0.1, 100) for seed in (0, 1)
     ]
     for cell in result.cells:
-        assert set(cell.base.local) == {"loss"} and set(cell.base.global_) == {"loss", "rouge_l"}
-        assert cell.metrics == ["loss", "rouge_l"]  # ROUGE-L scored globally only
+        for scores in (cell.base, cell.federated):
+            assert set(scores.local) == set(scores.global_) == {"loss", "rouge_l"}
+            assert set(scores.local["rouge_l"]) == {"0", "1", "2"}
+        assert set(cell.local_only.local) == {"loss"}  # client models: loss alone
         assert set(cell.local_only.local["loss"]) == set(cell.federated.local["loss"]) == {
             "0", "1", "2"
         }
@@ -343,6 +345,8 @@ def test_claims_on_made_up_gains():
     assert local_gain(cells[0], "local_only", "loss") == pytest.approx(0.2)
     assert client_gains(cells[0], "local_only", "loss") == pytest.approx({"0": 0.19, "1": 0.21})
     assert global_gain(cells[0], "loss") == pytest.approx(0.25)
+    scored_globally = Scores({"loss": {"0": 2.0}}, {"loss": 2.0, "rouge_l": 0.1})
+    assert replace(cells[0], base=scored_globally).metrics == ["loss", "rouge_l"]
     quality = effect(cells, "m", "quality", global_gain, "loss")
     assert (quality.mean, quality.n) == (pytest.approx(0.05), 3)
     text = claims(cells, margin=0.25)

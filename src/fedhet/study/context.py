@@ -23,10 +23,14 @@ model, axis by axis, α by α, seed by seed, so a study stopped early holds whol
 Scores: ``loss`` (mean NLL per response token) on each evaluated client's test records and
 on the global test set (capped at ``eval.global_size``); ``rouge_l`` (greedy, at most
 ``eval.max_new_tokens`` new tokens) on the first ``study.rouge_local`` test records of each
-client and the first ``study.rouge_global`` global records (0: no ROUGE-L). ``study
-.local_clients`` limits local-only training and local scores to the first clients (None:
-all). The federated run's own evaluations are reduced to one global record (no local
-ones): the study scores the final adapter itself.
+client and the first ``study.rouge_global`` global records (0: no ROUGE-L), for the base
+and the federated model: one adapter for every client, so their records are generated in
+one batched pass. The local-only models (one per client) are scored by loss alone: the
+claims rest on loss (:mod:`fedhet.study.report`), and a generation pass per client model
+was a fifth of a cpu-size cell's time. ``study.local_clients`` limits local-only training
+and local scores to the first clients (None: all). The federated run's own evaluations
+are reduced to one global record (no local ones): the study scores the final adapter
+itself.
 
 Local-only training runs ``local_steps`` steps (default: ``federation.rounds ×
 train.steps``, the sequential steps behind the global model) of the experiment's training
@@ -231,10 +235,18 @@ def unit_config(cfg: ExperimentConfig, study: StudyConfig, unit: Unit) -> Experi
 
 
 def _unit_key(cfg: ExperimentConfig, study: StudyConfig, unit: Unit) -> dict[str, Any]:
-    """What a unit's result depends on (a saved unit with another key is re-run)."""
-    keep = ("local_steps", "local_clients", "rouge_local", "rouge_global")
+    """What a unit's result depends on (a saved unit with another key is re-run). A base
+    unit depends on the model, the seed's test records and the scoring settings only."""
+    keep = ["local_clients", "rouge_local", "rouge_global"]
     run = unit_config(cfg, study, unit).model_dump(mode="json")
     run.pop("output_dir")
+    if unit.axis is None:
+        data = run["data"]
+        data.pop("partition")
+        run = {"model": run["model"], "lora": run["lora"], "seed": run["seed"], "data": data,
+               "num_clients": cfg.data.partition.num_clients}
+    else:
+        keep.append("local_steps")
     return {"unit": asdict(unit), "config": run, "study": {k: getattr(study, k) for k in keep},
             "eval": cfg.eval.model_dump(mode="json")}
 
@@ -271,8 +283,9 @@ def run_unit(
             state = local_update(
                 sim.lm, sim.examples[client.client_id], sim.init_state, plan, pad_id=sim.pad_id
             ).state
-            for metric, value in scorer.client(state, client.test).items():
-                local_only.local.setdefault(metric, {})[str(client.client_id)] = value
+            local_only.local.setdefault("loss", {})[str(client.client_id)] = scorer.loss(
+                state, client.test
+            )
         clear_run_dir(run_cfg)  # a unit stopped half-way starts again
         federated = scorer.scores(sim.run().state, clients, fed)
         examples = [e for client in sim.examples for e in client]
@@ -297,33 +310,38 @@ class _Scorer:
 
     def __init__(self, sim: Simulation, cfg: ExperimentConfig, study: StudyConfig) -> None:
         self.sim, self.ev, self.study = sim, cfg.eval, study
-        self.max_length = cfg.data.max_length
+        self.kw = {"max_length": cfg.data.max_length, "batch_size": cfg.eval.batch_size}
 
-    def score(self, state: AdapterState, records: list[Record], rouge: int) -> dict[str, float]:
-        lm = self.sim.lm
-        lm.load_state(state)
-        kw = {"max_length": self.max_length, "batch_size": self.ev.batch_size}
-        out = {"loss": evaluate(lm.model, self.sim.tokenizer, records, "loss", **kw)["loss"]}
-        if rouge:
-            scored = records[:rouge]
-            preds = generate(lm.model, self.sim.tokenizer, scored,
-                             max_new_tokens=self.ev.max_new_tokens, **kw)
-            out["rouge_l"] = rouge_l(preds, [r.response for r in scored])
+    def loss(self, state: AdapterState, records: list[Record]) -> float:
+        self.sim.lm.load_state(state)
+        return evaluate(self.sim.lm.model, self.sim.tokenizer, records, "loss", **self.kw)["loss"]
+
+    def rouge(self, state: AdapterState, parts: list[list[Record]]) -> list[float]:
+        """ROUGE-L of each part, its records generated in one batched pass."""
+        self.sim.lm.load_state(state)
+        flat = [r for part in parts for r in part]
+        preds = generate(self.sim.lm.model, self.sim.tokenizer, flat,
+                         max_new_tokens=self.ev.max_new_tokens, **self.kw)
+        out, start = [], 0
+        for part in parts:
+            out.append(rouge_l(preds[start : start + len(part)], [r.response for r in part]))
+            start += len(part)
         return out
-
-    def client(self, state: AdapterState, records: list[Record]) -> dict[str, float]:
-        return self.score(state, records, self.study.rouge_local)
 
     def scores(
         self, state: AdapterState, clients: list[ClientData], fed: FederatedData
     ) -> Scores:
-        out = Scores()
-        for client in clients:
-            for metric, value in self.client(state, client.test).items():
-                out.local.setdefault(metric, {})[str(client.client_id)] = value
-        out.global_ = self.score(
-            state, fed.global_test[: self.ev.global_size], self.study.rouge_global
-        )
+        """One adapter on every scored client's test records and on the global test set."""
+        ids = [str(c.client_id) for c in clients]
+        out = Scores({"loss": {k: self.loss(state, c.test) for k, c in zip(ids, clients,
+                                                                           strict=True)}})
+        if self.study.rouge_local:
+            parts = [c.test[: self.study.rouge_local] for c in clients]
+            out.local["rouge_l"] = dict(zip(ids, self.rouge(state, parts), strict=True))
+        global_test = fed.global_test[: self.ev.global_size]
+        out.global_ = {"loss": self.loss(state, global_test)}
+        if self.study.rouge_global:
+            out.global_["rouge_l"] = self.rouge(state, [global_test[: self.study.rouge_global]])[0]
         return out
 
 
