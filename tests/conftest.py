@@ -11,7 +11,8 @@ computes with one thread (``OMP_NUM_THREADS=1``, inherited by the processes the 
 start), two threads in all on the 2-core machines the suite is sized for, and the workers
 share one model cache (conversions write atomically, so two workers converting at once
 cannot corrupt it). Tests that start a Ray cluster (Flower's simulation engine) take
-:func:`ray_cluster_lock`: two clusters started at once by the two workers failed.
+:func:`ray_cluster_lock`: two clusters started at once by the two workers failed. The
+slowest files are handed out first (:func:`pytest_collection_modifyitems`).
 """
 
 import fcntl
@@ -78,3 +79,32 @@ def smoke_config(tmp_path):
 
     return make
 
+
+
+SLOWEST_FILES = (
+    "test_flower_deploy.py",
+    "test_flower.py",
+    "test_kill_resume.py",
+    "test_sim.py",
+    "test_lockstep.py",
+    "test_experiments.py",
+    "test_hierfedlora.py",
+    "test_cli.py",
+    "test_own_data.py",
+    "test_model_base.py",
+)
+"""Test files by decreasing wall time (measured); the rest take seconds each."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slowest files first, so that the two workers do not end on one long file while
+    the other idles (``--dist loadfile`` hands out files in this order); inside
+    test_flower_deploy the TLS deployment first, so that its Ray test starts late, after
+    test_flower's."""
+
+    def rank(item: pytest.Item) -> tuple[int, bool]:
+        name = item.path.name
+        first = SLOWEST_FILES.index(name) if name in SLOWEST_FILES else len(SLOWEST_FILES)
+        return first, "tls" not in item.name
+
+    items.sort(key=rank)
