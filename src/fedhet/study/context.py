@@ -363,8 +363,9 @@ def run_context_study(
     out_dir = cfg.run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     models = study.models or [cfg.model.name]
-    todo = [u for u in units(study, models) if not _done(cfg, study, u, out_dir)]
-    log(f"context study: {len(todo)} units to run, {len(units(study, models)) - len(todo)} reused")
+    every = units(study, models)
+    todo = [u for u in every if _saved(cfg, study, u) is None]
+    log(f"context study: {len(todo)} units to run, {len(every) - len(todo)} reused")
     args = (cfg.model_dump(mode="json"), study.model_dump(mode="json"))
     data = None if data_dir is None else str(data_dir)
     if jobs <= 1:
@@ -406,32 +407,31 @@ def run_context_study(
     return StudyResult(cells, out_dir, f"{run_header(command or None)}\n{lines}\n{body}", plots)
 
 
-def _done(cfg: ExperimentConfig, study: StudyConfig, unit: Unit, out_dir: Path) -> bool:
-    path = unit.path(out_dir)
+def _saved(cfg: ExperimentConfig, study: StudyConfig, unit: Unit) -> dict[str, Any] | None:
+    """The unit's saved result when it ran with the study's current settings, else None."""
+    path = unit.path(cfg.run_dir)
     if not path.is_file():
-        return False
-    saved = json.loads(path.read_text()).get("key")
-    return json.dumps(saved, sort_keys=True) == json.dumps(
+        return None
+    saved = json.loads(path.read_text())
+    same = json.dumps(saved.get("key"), sort_keys=True) == json.dumps(
         _unit_key(cfg, study, unit), sort_keys=True
     )
+    return saved if same else None
 
 
 def load_cells(cfg: ExperimentConfig, study: StudyConfig, models: list[str]) -> list[Cell]:
     """The finished cells (with their seed's base scores) of the study's units."""
-    out_dir, cells = cfg.run_dir, []
+    cells: list[Cell] = []
+    bases = {(u.model, u.seed): _saved(cfg, study, u) for u in units(study, models) if not u.axis}
     for unit in units(study, models):
-        base_path = Unit(unit.model, unit.seed).path(out_dir)
-        if unit.axis is None or not (
-            _done(cfg, study, unit, out_dir) and _done(cfg, study, Unit(unit.model, unit.seed),
-                                                       out_dir)
-        ):
+        base = bases.get((unit.model, unit.seed))
+        saved = _saved(cfg, study, unit) if unit.axis and base else None
+        if saved is None:
             continue
-        saved = json.loads(unit.path(out_dir).read_text())
-        base = json.loads(base_path.read_text())["base"]
         cells.append(Cell.from_dict({
             "model": unit.model, "axis": unit.axis, "alpha": unit.alpha, "seed": unit.seed,
             "alpha_hat": saved["alpha_hat"], "cut_fraction": saved["cut_fraction"],
-            "wall_s": saved["wall_s"], "base": base, "local_only": saved["local_only"],
+            "wall_s": saved["wall_s"], "base": base["base"], "local_only": saved["local_only"],
             "federated": saved["federated"],
         }))
     return cells
