@@ -1,6 +1,7 @@
 """Context-length/-quality partitioners, quality transformations and the context study."""
 
 import json
+import re
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -321,6 +322,9 @@ def test_study_pairs_its_cells_reuses_units_and_reports_the_claims(tmp_path):
     again = run_context_study(cfg, study, log=lines.append)
     assert lines == ["context study: 0 units to run, 6 reused"]
     assert again.cells == result.cells
+    compute = re.compile(r"wall times sum to ([0-9.]+) core-min")
+    first = compute.search(result.report)[1]
+    assert float(first) > 0 and compute.search(again.report)[1] == first  # reused units count
 
 
 def _cell(axis: str, alpha: float, seed: int, local: float, glob: float) -> Cell:

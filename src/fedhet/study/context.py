@@ -388,12 +388,13 @@ def run_context_study(
                     log(f"done: {pending.pop(fut).label}")
     cells = load_cells(cfg, study, models)
     wall = time.perf_counter() - started
+    compute = sum(saved["wall_s"] for u in every if (saved := _saved(cfg, study, u)))
     plots = [
         plot_gains(cells, model, out_dir / f"gains-{_slug(model)}.png")
         for model in models
         if any(c.model == model for c in cells)
     ]
-    lines = _study_lines(cfg, study, models, wall)
+    lines = _study_lines(cfg, study, models, wall, compute, jobs)
     body = study_report(cells, study.margin)
     (out_dir / "study.md").write_text(
         f"# {cfg.name}\n\n{run_header(command or None)}\n{lines}\n{body}"
@@ -461,12 +462,22 @@ def _slug(model: str) -> str:
 
 
 def _study_lines(
-    cfg: ExperimentConfig, study: StudyConfig, models: list[str], wall: float
+    cfg: ExperimentConfig,
+    study: StudyConfig,
+    models: list[str],
+    wall: float,
+    compute: float,
+    jobs: int,
 ) -> str:
+    """The settings lines; ``compute`` is the sum of every finished unit's own wall time
+    (single-thread processes), so ``compute / jobs`` is the study's wall time from
+    scratch when ``jobs`` units run side by side on as many cores."""
     d, f, t = cfg.data, cfg.federation, cfg.train
     local_steps = study.local_steps or f.rounds * t.steps
     return (
-        f"- wall time {wall / 60:.1f} min (units reused from earlier runs count as 0)\n"
+        f"- wall time of this call {wall / 60:.1f} min (units reused from earlier runs count "
+        f"as 0); the units' own wall times sum to {compute / 60:.1f} core-min, "
+        f"{compute / 60 / max(jobs, 1):.1f} min from scratch at --jobs {max(jobs, 1)}\n"
         f"- models {', '.join(models)}; axes {', '.join(study.axes)}; "
         f"α ∈ {{{', '.join(f'{a:g}' for a in study.alphas)}}}; seeds "
         f"{', '.join(map(str, study.seeds))}; strategy {cfg.strategy.name}\n"

@@ -133,8 +133,10 @@ def claims(cells: list[Cell], margin: float) -> str:
 def sizing(cells: list[Cell]) -> str:
     """Per model and axis at the largest α: the federated global gain (mean and std over
     seeds) against the between-seed standard deviation of the federated global loss (the
-    issue's sizing rule: the gain should be several times the spread; the loss's spread
-    includes each seed's own global test draw, the gain's does not)."""
+    issue's sizing rule: the gain should be several times the spread). The loss's spread
+    includes each seed's own global test draw; the gain's does not, since it is paired
+    with the base model on the same records, so gain / gain std is the ratio that decides
+    whether α cells can be told apart."""
     lines = []
     for model, axis in pairs(cells):
         row = select(cells, model, axis)
@@ -146,9 +148,11 @@ def sizing(cells: list[Cell]) -> str:
         if gain is None or gain.std is None or spread is None or spread.std is None:
             continue
         ratio = gain.mean / spread.std if spread.std > 0 else math.inf
+        paired = gain.mean / gain.std if gain.std > 0 else math.inf
         lines.append(f"- {model}, {axis}, α = {alphas(row)[-1]:g}: global gain "
                      f"{gain.mean:.3g} (std over seeds {gain.std:.2g}), between-seed std of "
-                     f"the global loss {spread.std:.3g}: gain / loss std = {ratio:.1f}")
+                     f"the global loss {spread.std:.3g}: gain / loss std = {ratio:.1f}, "
+                     f"gain / gain std = {paired:.1f}")
     return "\n".join(lines) + ("\n" if lines else "")
 
 
