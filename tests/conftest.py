@@ -80,7 +80,6 @@ def smoke_config(tmp_path):
     return make
 
 
-
 SLOWEST_FILES = (
     "test_flower_deploy.py",
     "test_flower.py",

@@ -386,15 +386,16 @@ def run_context_study(
                 for fut in done:
                     fut.result()  # a failed unit stops the study with its error
                     log(f"done: {pending.pop(fut).label}")
-    cells = load_cells(cfg, study, models)
+    saved = {u: result for u in every if (result := _saved(cfg, study, u))}
+    cells = _cells_of(saved)
     wall = time.perf_counter() - started
-    compute = sum(saved["wall_s"] for u in every if (saved := _saved(cfg, study, u)))
+    compute = sum(result["wall_s"] for result in saved.values())
     plots = [
         plot_gains(cells, model, out_dir / f"gains-{_slug(model)}.png")
         for model in models
         if any(c.model == model for c in cells)
     ]
-    lines = _study_lines(cfg, study, models, wall, compute, jobs)
+    lines = _study_lines(cfg, study, models, wall, compute, max(jobs, 1))
     body = study_report(cells, study.margin)
     (out_dir / "study.md").write_text(
         f"# {cfg.name}\n\n{run_header(command or None)}\n{lines}\n{body}"
@@ -420,20 +421,19 @@ def _saved(cfg: ExperimentConfig, study: StudyConfig, unit: Unit) -> dict[str, A
     return saved if same else None
 
 
-def load_cells(cfg: ExperimentConfig, study: StudyConfig, models: list[str]) -> list[Cell]:
-    """The finished cells (with their seed's base scores) of the study's units."""
+def _cells_of(saved: dict[Unit, dict[str, Any]]) -> list[Cell]:
+    """The cells among the saved unit results (:func:`_saved`, in unit order) whose seed's
+    base unit is saved too, each with that base's scores."""
     cells: list[Cell] = []
-    bases = {(u.model, u.seed): _saved(cfg, study, u) for u in units(study, models) if not u.axis}
-    for unit in units(study, models):
-        base = bases.get((unit.model, unit.seed))
-        saved = _saved(cfg, study, unit) if unit.axis and base else None
-        if saved is None:
+    for unit, result in saved.items():
+        base = saved.get(Unit(unit.model, unit.seed))
+        if unit.axis is None or base is None:
             continue
         cells.append(Cell.from_dict({
             "model": unit.model, "axis": unit.axis, "alpha": unit.alpha, "seed": unit.seed,
-            "alpha_hat": saved["alpha_hat"], "cut_fraction": saved["cut_fraction"],
-            "wall_s": saved["wall_s"], "base": base["base"], "local_only": saved["local_only"],
-            "federated": saved["federated"],
+            "alpha_hat": result["alpha_hat"], "cut_fraction": result["cut_fraction"],
+            "wall_s": result["wall_s"], "base": base["base"], "local_only": result["local_only"],
+            "federated": result["federated"],
         }))
     return cells
 
@@ -477,7 +477,7 @@ def _study_lines(
     return (
         f"- wall time of this call {wall / 60:.1f} min (units reused from earlier runs count "
         f"as 0); the units' own wall times sum to {compute / 60:.1f} core-min, "
-        f"{compute / 60 / max(jobs, 1):.1f} min from scratch at --jobs {max(jobs, 1)}\n"
+        f"{compute / 60 / jobs:.1f} min from scratch at --jobs {jobs}\n"
         f"- models {', '.join(models)}; axes {', '.join(study.axes)}; "
         f"α ∈ {{{', '.join(f'{a:g}' for a in study.alphas)}}}; seeds "
         f"{', '.join(map(str, study.seeds))}; strategy {cfg.strategy.name}\n"
