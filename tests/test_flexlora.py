@@ -12,7 +12,7 @@ from fedhet.model.lora import delta_key, factor_keys, ranks
 from fedhet.protocol import ClientInfo, ClientUpdate
 from fedhet.runtime.sim import Simulation
 from fedhet.strategies import FlexLoRA, build_strategy
-from fedhet.strategies.flexlora import factored_svd
+from fedhet.strategies.flexlora import aggregate_module, factored_svd
 from fedhet.strategies.ranks import (
     RankPlan,
     memory_type,
@@ -103,6 +103,24 @@ def test_missing_singular_directions_are_completed_orthonormally():
     assert torch.allclose(v.T @ v, torch.eye(5, dtype=F64), atol=1e-12)
     assert torch.allclose(u.T @ u, torch.eye(5, dtype=F64), atol=1e-12)
     assert torch.all(s[2:] == 0) and torch.all(s[:2] > 0)
+
+
+@pytest.mark.parametrize(
+    ("client_ranks", "tol"),
+    [
+        ([2, 2], 1e-12),  # Σr = 4 ≤ R = 6: the truncation is ΔW_g, the remainder exactly 0
+        ([2, 8, 8], 1e-12),  # R < Σr = 18 < width 40: the remainder is the SVD's tail
+        ([30, 30], 1e-5),  # Σr = 60 ≥ width: the float32 product
+    ],
+)
+def test_aggregate_module_keeps_the_whole_update_in_factors_plus_remainder(client_ranks, tol):
+    factors = _factors(client_ranks, 48, 40, seed=3)
+    weights = [0.25 / r for r in client_ranks]
+    a, b, delta = aggregate_module(factors, weights, 6)
+    m = sum(w * bk @ ak for (bk, ak), w in zip(factors, weights, strict=True))
+    assert _rel(b @ a, 6 * _dense_truncation(m, 6)) <= 1e-5
+    assert _rel(b @ a + delta, 6 * m) <= tol
+    assert torch.all(delta == 0) == (sum(client_ranks) <= 6)
 
 
 # ------------------------------------------------------------------ strategy

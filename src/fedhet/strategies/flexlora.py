@@ -21,8 +21,9 @@ leave the small core ``R_B R_Aᵀ`` (Σr_k × Σr_k) to decompose, and
 Σ r_k < min(d_out, d_in) (beyond that ΔW_g may have full rank and the core is as
 large as ΔW_g: the function then decomposes the product, the cheapest exact
 route); the result is the dense SVD's, up to rounding. alpha cancels: it scales
-ΔW_g and s_r alike. The exact global model (below) forms ΔW_g once per round,
-one product of the stacked factors.
+ΔW_g and s_r alike. The exact global model (below) needs ΔW_g's part beyond
+rank R: the thin SVD's tail below the width, one product of the stacked factors
+beyond it.
 
 Choices the paper leaves open:
 
@@ -31,8 +32,9 @@ Choices the paper leaves open:
   rank R (``lora.rank``) as the factors, plus the remainder as the state's base
   delta (:mod:`fedhet.model.lora`), E = R·(ΔW_g/alpha) − B A, so that
   (alpha/R)·(B A + E) = ΔW_g exactly (to float32 rounding when Σr reaches the
-  width, float64 below). ΔW_g is formed once per module, one product of the
-  stacked factors, and serves the SVD too in the dense case
+  width, float64 below). Below the width E is the SVD's tail beyond rank R
+  (zero while Σr ≤ R: no d_out × d_in product at all); beyond it ΔW_g is formed
+  once per module, one product of the stacked factors, and serves the SVD too
   (:func:`aggregate_module`). Clients get prefixes of the truncated factors only
   (truncations nest); E is never sent to train (the global model evaluated on
   Flower nodes is sent whole, E included). The PEFT folder holds ΔW_g at the rank it
@@ -80,32 +82,51 @@ def factored_svd(
     (``d_out × rank``), S (``rank``, descending) and V (``d_in × rank``) with
     orthonormal columns and ``U diag(S) Vᵀ`` the best rank-``rank`` approximation
     of M. While K = Σ r_k < min(d_out, d_in), thin QRs of the stacked factors leave
-    a K × K core; from there on no exact method has less to decompose than M
-    itself (its rank can be min(d_out, d_in)), so the core is the product of the
-    stacked factors, formed and decomposed in ``dense_dtype`` (float32: the
-    d_out × d_in SVD is the cost there, and single precision halves it; the
-    results come back in ``dtype``; ``product``: M when the caller has formed it).
-    Singular directions beyond the rank of M are completed orthonormally (seeded)
-    with singular value 0.
+    a K × K core (:func:`thin_svd`); from there on no exact method has less to
+    decompose than M itself (its rank can be min(d_out, d_in)), so the core is the
+    product of the stacked factors, formed and decomposed in ``dense_dtype``
+    (float32: the d_out × d_in SVD is the cost there, and single precision halves
+    it; the results come back in ``dtype``; ``product``: M when the caller has
+    formed it). Singular directions beyond the rank of M are completed
+    orthonormally (seeded) with singular value 0.
     """
     if not is_dense(factors):
-        b_cat = torch.cat([w * b.to(dtype) for (b, _), w in zip(factors, weights, strict=True)], 1)
-        a_cat = torch.cat([a.to(dtype) for _, a in factors], 0)
-        q_b, r_b = torch.linalg.qr(b_cat)
-        q_a, r_a = torch.linalg.qr(a_cat.T)
-        u_c, s, vh_c = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
-        k = min(rank, s.numel())
-        u, v = q_b @ u_c[:, :k], q_a @ vh_c[:k].T
+        u, s, v = thin_svd(factors, weights, dtype)
     else:
         core = stacked_product(factors, weights, dense_dtype) if product is None else product
-        u_c, s, vh_c = (t.to(dtype) for t in torch.linalg.svd(core, full_matrices=False))
-        k = min(rank, s.numel())
-        u, v = u_c[:, :k], vh_c[:k].T
+        u, s, vh = (t.to(dtype) for t in torch.linalg.svd(core, full_matrices=False))
+        v = vh.T
+    return _top(u, s, v, rank, seed)
+
+
+def thin_svd(
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    weights: Sequence[float],
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whole thin SVD (all K = Σ r_k triplets) of M = Σ_k w_k B_k A_k without
+    forming M: ``B_cat = Q_B R_B``, ``A_catᵀ = Q_A R_A``, ``R_B R_Aᵀ = U_c S V_cᵀ``,
+    so ``M = (Q_B U_c) S (Q_A V_c)ᵀ``. Costs O((d_out + d_in) K²); worth it while
+    K < min(d_out, d_in)."""
+    b_cat = torch.cat([w * b.to(dtype) for (b, _), w in zip(factors, weights, strict=True)], 1)
+    a_cat = torch.cat([a.to(dtype) for _, a in factors], 0)
+    q_b, r_b = torch.linalg.qr(b_cat)
+    q_a, r_a = torch.linalg.qr(a_cat.T)
+    u_c, s, vh_c = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+    return q_b @ u_c, s, q_a @ vh_c.T
+
+
+def _top(
+    u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, rank: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The leading ``rank`` triplets of a thin SVD, completed orthonormally (seeded)
+    with singular value 0 where the SVD has fewer."""
+    k = min(rank, s.numel())
     gen = torch.Generator().manual_seed(seed)
     return (
-        _complete(u, rank, gen),
+        _complete(u[:, :k], rank, gen),
         torch.cat([s[:k], s.new_zeros(rank - k)]),
-        _complete(v, rank, gen),
+        _complete(v[:, :k], rank, gen),
     )
 
 
@@ -133,13 +154,19 @@ def aggregate_module(
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One module's global (A, B, E) in float64 (module docstring): A = Vᵀ, B = U S R
-    of the rank-R truncation of M = ΔW_g/alpha, E = R·M − B A. M is formed once: in
-    float32 when dense (the SVD decomposes it), in float64 otherwise."""
-    dense = is_dense(factors)
-    product = stacked_product(factors, weights, torch.float32 if dense else torch.float64)
-    u, s, v = factored_svd(factors, weights, rank, seed=seed, product=product if dense else None)
-    a, b = v.T.contiguous(), u * (s * rank)
-    return a, b, rank * product.double() - b @ a
+    of the rank-R truncation of M = ΔW_g/alpha, E = R·M − B A. While Σr is below the
+    width, E is R times M's SVD tail beyond rank R (:func:`thin_svd`; zero when
+    Σr ≤ R), so no d_out × d_in product is formed unless the tail exists; beyond,
+    M is formed once in float32 and serves the SVD and E alike."""
+    if is_dense(factors):
+        product = stacked_product(factors, weights, torch.float32)
+        u, s, v = factored_svd(factors, weights, rank, seed=seed, product=product)
+        a, b = v.T.contiguous(), u * (s * rank)
+        return a, b, rank * product.double() - b @ a
+    u_all, s_all, v_all = thin_svd(factors, weights)
+    u, s, v = _top(u_all, s_all, v_all, rank, seed)
+    tail = (u_all[:, rank:] * (s_all[rank:] * rank)) @ v_all[:, rank:].T
+    return v.T.contiguous(), u * (s * rank), tail
 
 
 def _complete(basis: torch.Tensor, width: int, gen: torch.Generator) -> torch.Tensor:
