@@ -10,7 +10,7 @@ products are merged into the base) or sidestep it (FedSA-LoRA: only A is shared,
 B stays personal). Reported per arm with 95 % CIs over seeds: the standard columns
 (time to the loss target, final option cross-entropy and accuracy, local =
 personalised accuracy, bytes), the aggregation error ‖ΔW_applied − Σ p_k ΔW_k‖ /
-‖Σ p_k ΔW_k‖ averaged over the rounds (:func:`fedhet.strategies.base.aggregation_error`),
+‖Σ p_k ΔW_k‖ averaged over the rounds (:func:`fedhet.experiments.tables.mean_aggregation_error`),
 and a verdict per method on "at least as accurate as FedIT" (final option
 cross-entropy no higher: Δ ≤ 0); for FedSA-LoRA on the personalised (local)
 accuracy instead, the figure its paper reports.
@@ -26,16 +26,17 @@ final figures at equal rounds; the target from FedIT still gives "time to target
 from __future__ import annotations
 
 from fedhet.experiments import script
-from fedhet.experiments.runner import Arm, Run
-from fedhet.experiments.tables import Claim, Column, final, standard_columns, summary
+from fedhet.experiments.runner import Arm
+from fedhet.experiments.tables import (
+    Claim,
+    Column,
+    final,
+    mean_aggregation_error,
+    standard_columns,
+    summary,
+)
 
 METHODS = ("fedit", "ffa-lora", "fedex-lora", "flora", "fedsa-lora", "rolora", "fedsvd")
-
-
-def mean_aggregation_error(run: Run) -> float | None:
-    """The aggregation error averaged over the run's rounds (None: not measured)."""
-    values = [r["aggregation_error"] for r in run.rows if "aggregation_error" in r]
-    return sum(values) / len(values) if values else None
 
 
 def main() -> None:

@@ -120,6 +120,17 @@ def test_the_simulator_logs_the_aggregation_error(smoke_config):
     assert errors["fedit"][-1] > 1e-4  # separate averages of A and B are not the average
 
 
+def test_aggregation_error_takes_each_state_at_its_own_rank():
+    """ΔW/α = B·A / r: a rank-1 client and a rank-2 one with the same ΔW average to it."""
+    one = {A: torch.tensor([[1.0, 0.0]]), B: torch.tensor([[1.0], [0.0]])}
+    two = {A: torch.tensor([[1.0, 0.0], [1.0, 0.0]]), B: torch.tensor([[1.0, 1.0], [0.0, 0.0]])}
+    # two: B·A = [[2, 0], [0, 0]] at scaling α/2, the same ΔW as one at α/1
+    assert aggregation_error(one, [one, two], [1.0, 3.0]) == pytest.approx(0.0)
+    assert aggregation_error(two, [one], [1.0]) == pytest.approx(0.0)
+    half = {A: one[A], B: one[B] / 2}
+    assert aggregation_error(half, [two], [1.0]) == pytest.approx(0.5)
+
+
 # ---------------------------------------------------------------- FedEx-LoRA and the base delta
 def test_fedex_lora_applies_exactly_the_average_of_the_clients_updates():
     strategy = FedExLoRA()
@@ -224,7 +235,13 @@ def test_flora_merges_the_stacked_product_and_restarts_the_adapter():
     )
     assert torch.allclose(new[delta_key(mod)].double(), merged, atol=1e-5)
     assert not new[B].any() and not torch.equal(new[A], state[A])  # a fresh adapter again
-    assert strategy.metrics() == {}  # mixed ranks: scalings differ, no error logged
+    # mixed ranks: each state at its own scaling α/r, so the exact merge measures 0
+    assert strategy.metrics()["aggregation_error"] < 1e-6
+    # a second round over a non-zero E: each client trained on (r_k / R)·E
+    again = [ClientUpdate(u.client_id, {A: u.state[A] * 2, B: u.state[B]}, u.num_samples)
+             for u in sent]
+    strategy.aggregate(2, new, again)
+    assert strategy.metrics()["aggregation_error"] < 1e-6
     # the next round sends E scaled to each client's rank: (α/r_k)·(r_k/R)·E = (α/R)·E
     for inst in strategy.configure(2, new, [0, 1]):
         r = ranks_[inst.client_id]

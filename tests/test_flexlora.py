@@ -186,6 +186,7 @@ def test_flexlora_aggregates_and_hands_each_client_its_truncation():
             r = strategy.ranks[inst.client_id][mod]
             assert ranks(inst.state)[mod] == r
             assert _rel(_delta_w(inst.state, mod), _dense_truncation(target, r)) <= 1e-5
+    assert strategy.metrics()["aggregation_error"] <= 1e-10  # logged: the global is exact
 
 
 def test_ranks_above_the_shared_adapter_fail_naming_lora_rank():

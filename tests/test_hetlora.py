@@ -104,6 +104,22 @@ def test_a_pruned_client_trains_a_smaller_rank_next_round_and_it_is_checkpointed
     assert restored.ranks == strategy.ranks
 
 
+def test_pruning_keeps_the_trained_update_of_the_kept_slots():
+    """A rank-2 client pruned to 1 counts with its own ΔW = (α/2)·b a, not twice it."""
+    strategy, state = _strategy([2, 4, 4, 4])
+    cid = _by_rank(strategy)[2]
+    up = {
+        A: torch.tensor([[1.0, 2, 0, 0], [0, 0, 1, 0]], dtype=F64),
+        B: torch.tensor([[3.0, 1e-5], [1, 0], [0, 0], [0, 0]], dtype=F64),
+    }
+    out = strategy.aggregate(1, state, [ClientUpdate(cid, up, 10)])
+    assert strategy.ranks[cid][MOD] == 1
+    alpha = 16.0
+    kept = alpha / 2 * up[B][:, :1] @ up[A][:1]
+    assert torch.allclose(alpha / 4 * out[B][:, :1] @ out[A][:1], kept)
+    assert "aggregation_error" in strategy.metrics()
+
+
 def test_hetlora_runs_in_the_simulator_with_the_regulariser(smoke_config):
     cfg = smoke_config(
         "strategy.name=hetlora",

@@ -117,6 +117,13 @@ def busiest_share(run: Run) -> float | None:
     return 100 * max(senders.values()) / senders.total() if senders else None
 
 
+def mean_aggregation_error(run: Run) -> float | None:
+    """The run's aggregation error ‖ΔW_applied − Σ p_k ΔW_k‖ / ‖Σ p_k ΔW_k‖ averaged over
+    its rounds (:func:`fedhet.strategies.base.aggregation_error`; None: not measured)."""
+    values = [r["aggregation_error"] for r in run.rows if "aggregation_error" in r]
+    return sum(values) / len(values) if values else None
+
+
 def duration_span(run: Run) -> tuple[float, float] | None:
     """Shortest and longest client update (virtual s) logged in the run's rows."""
     spans = [r["update_span"] for r in run.rows if r.get("update_span")]

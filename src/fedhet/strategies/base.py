@@ -134,10 +134,14 @@ class Strategy(ABC):
         state: AdapterState,
         updates: list[ClientUpdate],
         weights: list[float],
+        clients: list[AdapterState] | None = None,
     ) -> AdapterState:
         """``new``, after recording its :func:`aggregation_error` against the round's
-        clients (their updates over the global ``state`` they started from)."""
-        self.last_aggregation_error = aggregation_error(new, client_states(state, updates), weights)
+        clients' full adapters: ``clients`` when the strategy gives them (a client
+        that did not start from the global ``state``, e.g. a truncation of it),
+        else their updates over the ``state`` they started from."""
+        own = client_states(state, updates) if clients is None else clients
+        self.last_aggregation_error = aggregation_error(new, own, weights)
         return new
 
     def metrics(self) -> dict[str, float]:
@@ -197,12 +201,14 @@ def aggregation_error(
     applied: AdapterState, clients: list[AdapterState], weights: list[float]
 ) -> float | None:
     """‖ΔW_applied − Σ_k p_k ΔW_k‖_F / ‖Σ_k p_k ΔW_k‖_F over all modules together,
-    ΔW = B·A (+ the module's base delta E, when the state has one) of each module
-    and p_k = w_k / Σ_j w_j: how far the global adapter is
-    from the average of the clients' trained adapters (each client's full adapter:
-    what it trained over what it started from). The LoRA scaling α/r is the same
-    for every state of one rank and cancels; 0 when the average is 0; None when no
-    module has both factors in every state."""
+    with p_k = w_k / Σ_j w_j and ΔW / α = (B·A + E) / r of each module
+    (:func:`effective_update`): how far the global adapter is from the average of
+    the clients' trained adapters (each client's full adapter: what it trained
+    over what it started from). Each state is taken at its own LoRA scaling α/r
+    (r: its rank, the rows of A), so clients of different ranks compare with each
+    other and with the global state; α is common and cancels (with one rank
+    throughout, r cancels too). 0 when the average is 0; None when no module has
+    both factors in every state."""
     total = float(sum(weights))
     error, norm, measured = 0.0, 0.0, False
     for mod in modules(applied):
@@ -222,11 +228,14 @@ def aggregation_error(
 
 
 def effective_update(state: AdapterState, module: str) -> torch.Tensor:
-    """B·A + E of one module in float64 (E: its base delta, when present)."""
+    """ΔW / α = (B·A + E) / r of one module in float64: the state's LoRA scaling
+    α/r with r its rank (the rows of A) applies to the factors and to its base
+    delta E alike (:mod:`fedhet.model.lora`), E only when the state has one."""
     a_key, b_key = factor_keys(module)
     product = state[b_key].double() @ state[a_key].double()
     delta = state.get(delta_key(module))
-    return product if delta is None else product + delta.double()
+    full = product if delta is None else product + delta.double()
+    return full / state[a_key].shape[0]
 
 
 def client_states(state: AdapterState, updates: list[ClientUpdate]) -> list[AdapterState]:

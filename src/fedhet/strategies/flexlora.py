@@ -51,6 +51,10 @@ Choices the paper leaves open:
   holds keeps its global factors. Updates arrive validated by the runtime
   (:mod:`fedhet.runtime.validation`: each has exactly the shapes, hence the
   ranks, it was sent).
+* The aggregation error (:func:`fedhet.strategies.base.aggregation_error`, logged
+  every round) compares the global model with Σ p_k ΔW_k of the clients' uploads
+  (each a whole adapter: clients start from truncations, without E), so it
+  measures only the rounding of the exact global model.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ import torch
 
 from fedhet.model.lora import AdapterState, delta_key, factor_keys, factors_only, modules, ranks
 from fedhet.protocol import ClientInfo, ClientUpdate, Instruction
-from fedhet.strategies.base import Strategy
+from fedhet.strategies.base import Strategy, data_weights
 from fedhet.strategies.ranks import RankPlan, Ranks, rescaled_prefix
 
 
@@ -234,4 +238,6 @@ class FlexLoRA(Strategy):
             out[a_key] = a.to(state[a_key].dtype)
             out[b_key] = b.to(state[b_key].dtype)
             out[delta_key(mod)] = delta.to(state[a_key].dtype)
-        return out
+        # clients start from truncations without E: each one's full adapter is what it sent
+        trained = [factors_only(u.state) for u in updates]
+        return self.measured(out, state, updates, data_weights(updates), trained)

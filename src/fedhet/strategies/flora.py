@@ -12,8 +12,8 @@ round starts from a fresh adapter again:
 (the factor R / r_k converts client k's scaling α/r_k into the global α/R). E is
 the state's base delta (:mod:`fedhet.model.lora`), applied exactly to the
 simulator's shared model; a client of rank r_k receives it as (r_k / R)·E so
-that its own scaling α/r_k gives the same weight. Aggregation error 0 (logged
-when all ranks are equal; with mixed ranks the states' scalings differ).
+that its own scaling α/r_k gives the same weight. Aggregation error 0 (logged every
+round: each client's full adapter is its factors over the (r_k / R)·E it trained on).
 
 Authors' code: github.com/ATP-1010/FederatedLLM (``fed_utils/model_aggregation.py``,
 ``stacking``: the p_k-weighted lora_A of the clients concatenated along the rank,
@@ -88,11 +88,11 @@ class FLoRA(Strategy):
             mine: AdapterState = {}
             for mod in modules(adapter):
                 a_key, b_key = factor_keys(mod)
-                r, big_r = self.ranks[cid][mod], self.shared[mod]
+                r = self.ranks[cid][mod]
                 mine[a_key] = adapter[a_key][:r].clone()
                 mine[b_key] = adapter[b_key][:, :r].clone()
                 if delta_key(mod) in state:
-                    mine[delta_key(mod)] = state[delta_key(mod)] * (r / big_r)
+                    mine[delta_key(mod)] = self.received_delta(state, mod, r)
             out.append(Instruction(cid, mine, {"upload_keys": sorted(factors_only(mine))}))
         return out
 
@@ -112,7 +112,18 @@ class FLoRA(Strategy):
             )
             old = state.get(delta_key(mod))
             new[delta_key(mod)] = (merged if old is None else old.double() + merged).float()
-        if all(ranks(u.state) == self.shared for u in updates):
-            return self.measured(new, state, updates, weights)
-        self.last_aggregation_error = None  # mixed ranks: the states' scalings differ
-        return new
+        trained = [self.trained(state, u) for u in updates]
+        return self.measured(new, state, updates, weights, trained)
+
+    def trained(self, state: AdapterState, update: ClientUpdate) -> AdapterState:
+        """Client k's full adapter: its factors over the base delta it received, (r_k / R)·E."""
+        out = dict(update.state)
+        for mod in modules(update.state):
+            if delta_key(mod) in state:
+                rank = update.state[factor_keys(mod)[0]].shape[0]
+                out[delta_key(mod)] = self.received_delta(state, mod, rank)
+        return out
+
+    def received_delta(self, state: AdapterState, module: str, rank: int) -> torch.Tensor:
+        """The base delta as a client of ``rank`` holds it: (r_k / R)·E (module docstring)."""
+        return state[delta_key(module)] * (rank / self.shared[module])

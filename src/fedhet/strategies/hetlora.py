@@ -39,7 +39,15 @@ Choices the paper leaves open:
 
   a scale-free test (absolute norms depend on width, alpha and learning rate);
   τ = 0.1 by default. The client's next instruction carries the reduced rank;
-  ranks only shrink, and are checkpointed (:meth:`HetLoRA.state_dict`).
+  ranks only shrink, and are checkpointed (:meth:`HetLoRA.state_dict`). The kept
+  slots were trained at the scaling α/r, and the upload now counts at α/c, so both
+  kept factors are multiplied by √(c/r): the upload's ΔW is the trained ΔW minus
+  the cut tail, exactly (without it a rank-2 client pruned to 1 would count twice).
+* The aggregation error (:func:`fedhet.strategies.base.aggregation_error`, logged
+  every round) compares the global update with the data-weighted average
+  Σ p_k ΔW_k (p_k ∝ n_k) of the pruned uploads, the yardstick of every method, so
+  it counts the norm weighting's departure from data weights as well as the
+  error of averaging factors.
 * Updates arrive validated by the runtime (:mod:`fedhet.runtime.validation`:
   each has exactly the shapes, hence the ranks, it was sent).
 """
@@ -54,7 +62,7 @@ import torch
 
 from fedhet.model.lora import AdapterState, factor_keys, modules, ranks
 from fedhet.protocol import ClientInfo, ClientUpdate, Instruction
-from fedhet.strategies.base import Strategy
+from fedhet.strategies.base import Strategy, data_weights
 from fedhet.strategies.ranks import RankPlan, Ranks, rescaled_prefix
 
 
@@ -147,7 +155,7 @@ class HetLoRA(Strategy):
                 new_b[:, :r] += scale * b.double()
             out[a_key] = torch.cat([new_a.to(state[a_key].dtype), state[a_key][top:]], 0)
             out[b_key] = torch.cat([new_b.to(state[b_key].dtype), state[b_key][:, top:]], 1)
-        return out
+        return self.measured(out, state, updates, data_weights(updates), uploads)
 
     def _self_prune(self, update: ClientUpdate) -> AdapterState:
         """The upload with pruned tails cut; the client's ranks updated."""
@@ -158,7 +166,8 @@ class HetLoRA(Strategy):
             a, b = upload[a_key], upload[b_key]
             r = pruned_rank(a, b, self.gamma, self.prune_threshold, self.min_rank)
             if r < a.shape[0]:
-                upload[a_key], upload[b_key] = a[:r], b[:, :r]
+                keep = math.sqrt(r / a.shape[0])  # α/r_k → α/r: the kept ΔW unchanged
+                upload[a_key], upload[b_key] = a[:r] * keep, b[:, :r] * keep
                 mine[mod] = min(mine[mod], r)
         return upload
 
