@@ -131,6 +131,37 @@ def test_aggregation_error_takes_each_state_at_its_own_rank():
     assert aggregation_error(half, [two], [1.0]) == pytest.approx(0.5)
 
 
+def test_aggregation_error_from_the_factors_matches_the_dense_products():
+    """Below the module's width the norms come from thin QRs of the stacked factors;
+    with a base delta (or a stack as wide as the module) from dense products.
+    Both match the error computed from each state's dense ΔW/α."""
+    a, b = "m.q.lora_A.weight", "m.q.lora_B.weight"
+
+    def state(r, seed, delta=False):
+        s = {a: _rand(r, 40, seed=seed), b: _rand(30, r, seed=seed + 1)}
+        return {**s, delta_key("m.q"): _rand(30, 40, seed=seed + 2)} if delta else s
+
+    def dense(s):
+        full = s[b].double() @ s[a].double()
+        if delta_key("m.q") in s:
+            full = full + s[delta_key("m.q")].double()
+        return full / s[a].shape[0]
+
+    clients, weights = [state(2, 10), state(4, 20), state(1, 30)], [1.0, 2.0, 5.0]
+    for applied in (state(4, 40), state(4, 40, delta=True)):
+        target = sum(w / 8.0 * dense(c) for c, w in zip(clients, weights, strict=True))
+        want = float((dense(applied) - target).norm() / target.norm())
+        assert aggregation_error(applied, clients, weights) == pytest.approx(want, rel=1e-9)
+    wide = [state(8, 50 + i) for i in range(6)]  # Σr = 56 > 30: the dense product
+    target = sum(dense(c) for c in wide) / 6
+    want = float((dense(wide[0]) - target).norm() / target.norm())
+    assert aggregation_error(wide[0], wide, [1.0] * 6) == pytest.approx(want, rel=1e-9)
+    # a tiny departure is resolved far below √ε (the thin-QR path, no cancellation)
+    exact = {k: v.double() for k, v in clients[0].items()}
+    near = {a: exact[a], b: exact[b] * (1 + 1e-9)}
+    assert aggregation_error(near, [exact], [1.0]) == pytest.approx(1e-9, rel=1e-4)
+
+
 # ---------------------------------------------------------------- FedEx-LoRA and the base delta
 def test_fedex_lora_applies_exactly_the_average_of_the_clients_updates():
     strategy = FedExLoRA()

@@ -80,6 +80,7 @@ from fedhet.strategies import build_strategy
 from fedhet.strategies.base import Strategy
 
 log = logging.getLogger("flwr.fedhet")  # a child of Flower's logger: shown in `flwr run --stream`
+QUERY_ATTEMPTS = 3  # a node that fails or misses the who-are-you query is asked again
 
 RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "config": "configs/smoke.yaml",
@@ -219,13 +220,43 @@ class FlowerExecutor(Executor):
                 )
             time.sleep(self.options.poll_interval)
         log.info("%d SuperNodes connected; asking who they are", len(node_ids))
+        unanswered = node_ids
+        for attempt in range(1, QUERY_ATTEMPTS + 1):
+            unanswered = self._query(unanswered, deadline)
+            if not unanswered or time.monotonic() > deadline:
+                break
+            log.warning("%d nodes did not answer the query (attempt %d of %d)%s",
+                        len(unanswered), attempt, QUERY_ATTEMPTS,
+                        "; asking them again" if attempt < QUERY_ATTEMPTS else "")
+        if not self.nodes:
+            raise FedhetError("no SuperNode answered the query; see the SuperNodes' logs")
+        self._started = time.perf_counter()  # the run's clock starts with the nodes
+        fleet = self.costs.fleet
+        return [
+            ClientInfo(
+                client_id=cid,
+                num_samples=node.num_samples,
+                flops=fleet[cid].speed,
+                memory_bytes=fleet[cid].memory_bytes,
+                histogram=node.histogram,
+            )
+            for cid, node in sorted(self.nodes.items())
+        ]
+
+    def _query(self, node_ids: list[int], deadline: float) -> list[int]:
+        """Ask ``node_ids`` who they are (partition, data sizes), record the answers in
+        ``self.nodes`` and return the nodes that failed or did not answer by ``deadline``
+        (a node's app can fail transiently, e.g. a simulation actor restarting)."""
         content = RecordDict({"meta": ConfigRecord({"experiment": self.experiment})})
         queries = [Message(content, node, MessageType.QUERY) for node in node_ids]
-        for reply in self.grid.send_and_receive(queries, timeout=self.options.wait_timeout):
+        timeout = max(deadline - time.monotonic(), self.options.poll_interval)
+        answered = set()
+        for reply in self.grid.send_and_receive(queries, timeout=timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 log.warning("node %s failed its query: %s", node, reply.error.reason)
                 continue
+            answered.add(node)
             meta = reply.content.config_records["meta"]
             cid = int(meta["client_id"])
             if cid in self.nodes:
@@ -241,20 +272,7 @@ class FlowerExecutor(Executor):
                 json.loads(str(meta["histogram"])),
                 json.loads(str(meta["lengths"])),
             )
-        if not self.nodes:
-            raise FedhetError("no SuperNode answered the query; see the SuperNodes' logs")
-        self._started = time.perf_counter()  # the run's clock starts with the nodes
-        fleet = self.costs.fleet
-        return [
-            ClientInfo(
-                client_id=cid,
-                num_samples=node.num_samples,
-                flops=fleet[cid].speed,
-                memory_bytes=fleet[cid].memory_bytes,
-                histogram=node.histogram,
-            )
-            for cid, node in sorted(self.nodes.items())
-        ]
+        return [node for node in node_ids if node not in answered]
 
     def online(self, event: int) -> list[int]:
         return sorted(self.nodes)

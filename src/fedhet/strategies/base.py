@@ -201,14 +201,26 @@ def aggregation_error(
     applied: AdapterState, clients: list[AdapterState], weights: list[float]
 ) -> float | None:
     """‖ΔW_applied − Σ_k p_k ΔW_k‖_F / ‖Σ_k p_k ΔW_k‖_F over all modules together,
-    with p_k = w_k / Σ_j w_j and ΔW / α = (B·A + E) / r of each module
-    (:func:`effective_update`): how far the global adapter is from the average of
-    the clients' trained adapters (each client's full adapter: what it trained
-    over what it started from). Each state is taken at its own LoRA scaling α/r
-    (r: its rank, the rows of A), so clients of different ranks compare with each
-    other and with the global state; α is common and cancels (with one rank
-    throughout, r cancels too). 0 when the average is 0; None when no module has
-    both factors in every state."""
+    with p_k = w_k / Σ_j w_j and ΔW / α = (B·A + E) / r of each module: how far the
+    global adapter is from the average of the clients' trained adapters (each
+    client's full adapter: what it trained over what it started from). Each state
+    is taken at its own LoRA scaling α/r (r: its rank, the rows of A), so clients
+    of different ranks compare with each other and with the global state; α is
+    common and cancels (with one rank throughout, r cancels too). 0 when the
+    average is 0; None when no module has both factors in every state.
+
+    The norms come from the stacked factors, ``X = [c_1 B_1 / r_1 | … ]`` and
+    ``Y = [A_1; …]`` with Σ_s c_s (B_s A_s + E_s) / r_s = X·Y + Σ_s c_s E_s / r_s.
+    Without base deltas (or with zero ones) and while the stack's R = Σ r_s is
+    below min(d_out, d_in), thin QRs ``X = Q_X R_X`` and ``Yᵀ = Q_Y R_Y`` give
+    ‖X·Y‖ = ‖R_X R_Yᵀ‖: O((d_out + d_in) R²) and no d_out × d_in matrix. The QRs
+    are orthogonal, so a difference that cancels to δ is resolved to
+    ~1e-16·‖X‖‖Y‖ as densely (a Gram form XᵀX ⊙ YYᵀ would resolve only √ε).
+    Otherwise the average is formed as one product of the stacked factors
+    (O(d_out d_in Σr_k), as a base delta or a stack as wide as the module makes
+    the aggregation itself do), and the applied state as one of its own factors.
+    So logging the error every round costs no more, in order, than the
+    aggregations that log it."""
     total = float(sum(weights))
     error, norm, measured = 0.0, 0.0, False
     for mod in modules(applied):
@@ -216,26 +228,54 @@ def aggregation_error(
         if not all(a_key in s and b_key in s for s in (applied, *clients)):
             continue
         measured = True
-        target = sum(
-            (w / total) * effective_update(c, mod) for c, w in zip(clients, weights, strict=True)
-        )
-        got = effective_update(applied, mod)
-        error += float((got - target).pow(2).sum())
-        norm += float(target.pow(2).sum())
+        shares = [(c, w / total) for c, w in zip(clients, weights, strict=True)]
+        x_t, y_t, e_t = stacked_factors(mod, shares)  # the average
+        x_g, y_g, e_g = stacked_factors(mod, [(applied, 1.0)])  # the global adapter
+        thin = y_g.shape[0] + y_t.shape[0] < min(x_t.shape[0], y_t.shape[1])
+        if e_t is None and e_g is None and thin:
+            norm += _thin_norm(x_t, y_t) ** 2
+            error += _thin_norm(torch.cat([x_g, -x_t], 1), torch.cat([y_g, y_t])) ** 2
+        else:
+            average = _dense(x_t, y_t, e_t)
+            norm += float(average.pow(2).sum())
+            error += float((_dense(x_g, y_g, e_g) - average).pow(2).sum())
     if not measured:
         return None
     return (error / norm) ** 0.5 if norm > 0 else 0.0
 
 
-def effective_update(state: AdapterState, module: str) -> torch.Tensor:
-    """ΔW / α = (B·A + E) / r of one module in float64: the state's LoRA scaling
-    α/r with r its rank (the rows of A) applies to the factors and to its base
-    delta E alike (:mod:`fedhet.model.lora`), E only when the state has one."""
+@torch.no_grad()
+def stacked_factors(
+    module: str, terms: list[tuple[AdapterState, float]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(X, Y, D)`` in float64 with X·Y + D = Σ_s c_s (B_s·A_s + E_s) / r_s for
+    ``terms`` ``(state_s, c_s)`` of one module: ``X = [c_1 B_1 / r_1 | … ]``,
+    ``Y = [A_1; …]``, D = Σ c_s E_s / r_s over the states with a nonzero base delta
+    E_s (None when none has one); r_s is the rank of state s. Slots whose B column
+    is zero add nothing and are dropped (a fresh LoRA's B; FlexLoRA's completed
+    directions), which keeps the thin QRs of :func:`aggregation_error` small."""
     a_key, b_key = factor_keys(module)
-    product = state[b_key].double() @ state[a_key].double()
-    delta = state.get(delta_key(module))
-    full = product if delta is None else product + delta.double()
-    return full / state[a_key].shape[0]
+    d_key = delta_key(module)
+    x = torch.cat([(c / s[a_key].shape[0]) * s[b_key].double() for s, c in terms], 1)
+    y = torch.cat([s[a_key].double() for s, _ in terms], 0)
+    live = x.any(0)
+    x, y = x[:, live], y[live]
+    delta = None
+    for s, c in terms:
+        if d_key in s and s[d_key].any():
+            part = (c / s[a_key].shape[0]) * s[d_key].double()
+            delta = part if delta is None else delta + part
+    return x, y, delta
+
+
+def _thin_norm(x: torch.Tensor, y: torch.Tensor) -> float:
+    """‖X·Y‖_F from thin QRs of X and Yᵀ (:func:`aggregation_error`)."""
+    return float(torch.linalg.matrix_norm(torch.linalg.qr(x)[1] @ torch.linalg.qr(y.T)[1].T))
+
+
+def _dense(x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+    """X·Y + D (:func:`stacked_factors`)."""
+    return x @ y if delta is None else torch.addmm(delta, x, y)
 
 
 def client_states(state: AdapterState, updates: list[ClientUpdate]) -> list[AdapterState]:
