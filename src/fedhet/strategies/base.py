@@ -207,7 +207,7 @@ def aggregation_error(
     is taken at its own LoRA scaling α/r (r: its rank, the rows of A), so clients
     of different ranks compare with each other and with the global state; α is
     common and cancels (with one rank throughout, r cancels too). 0 when the
-    average is 0; None when no module has both factors in every state.
+    average is 0; None when no module has both factors, as matrices, in every state.
 
     The norms come from the stacked factors, ``X = [c_1 B_1 / r_1 | … ]`` and
     ``Y = [A_1; …]`` with Σ_s c_s (B_s A_s + E_s) / r_s = X·Y + Σ_s c_s E_s / r_s.
@@ -225,7 +225,7 @@ def aggregation_error(
     error, norm, measured = 0.0, 0.0, False
     for mod in modules(applied):
         a_key, b_key = factor_keys(mod)
-        if not all(a_key in s and b_key in s for s in (applied, *clients)):
+        if not all(_factor_pair(s, a_key, b_key) for s in (applied, *clients)):
             continue
         measured = True
         shares = [(c, w / total) for c, w in zip(clients, weights, strict=True)]
@@ -266,6 +266,11 @@ def stacked_factors(
             part = (c / s[a_key].shape[0]) * s[d_key].double()
             delta = part if delta is None else delta + part
     return x, y, delta
+
+
+def _factor_pair(state: AdapterState, a_key: str, b_key: str) -> bool:
+    """Whether ``state`` holds both factors of a module as matrices."""
+    return a_key in state and b_key in state and state[a_key].dim() == state[b_key].dim() == 2
 
 
 def _thin_norm(x: torch.Tensor, y: torch.Tensor) -> float:
