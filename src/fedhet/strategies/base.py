@@ -215,7 +215,8 @@ def aggregation_error(
     below min(d_out, d_in), thin QRs ``X = Q_X R_X`` and ``Yᵀ = Q_Y R_Y`` give
     ‖X·Y‖ = ‖R_X R_Yᵀ‖: O((d_out + d_in) R²) and no d_out × d_in matrix. The QRs
     are orthogonal, so a difference that cancels to δ is resolved to
-    ~1e-16·‖X‖‖Y‖ as densely (a Gram form XᵀX ⊙ YYᵀ would resolve only √ε).
+    ~1e-16·‖X‖‖Y‖, as a dense difference would be (a Gram form XᵀX ⊙ YYᵀ would
+    resolve only ~1e-8).
     Otherwise the average is formed as one product of the stacked factors
     (O(d_out d_in Σr_k), as a base delta or a stack as wide as the module makes
     the aggregation itself do), and the applied state as one of its own factors.
