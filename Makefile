@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/fedhet run configs/demo.yaml
 
 # One intra-op thread per pytest worker: two workers of two threads each on 2 cores
-# made the suite slower than one serial worker (864 s against 682 s).
+# oversubscribe them (the CI suite took 864 s that way, 705 s with one thread each).
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	OMP_NUM_THREADS=1 $(BIN)/pytest -n 2 --dist loadfile

@@ -223,13 +223,13 @@ def aggregation_error(
     So logging the error every round costs no more, in order, than the
     aggregations that log it."""
     total = float(sum(weights))
+    shares = [(c, w / total) for c, w in zip(clients, weights, strict=True)]
     error, norm, measured = 0.0, 0.0, False
     for mod in modules(applied):
         a_key, b_key = factor_keys(mod)
         if not all(_factor_pair(s, a_key, b_key) for s in (applied, *clients)):
             continue
         measured = True
-        shares = [(c, w / total) for c, w in zip(clients, weights, strict=True)]
         x_t, y_t, e_t = stacked_factors(mod, shares)  # the average
         x_g, y_g, e_g = stacked_factors(mod, [(applied, 1.0)])  # the global adapter
         thin = y_g.shape[0] + y_t.shape[0] < min(x_t.shape[0], y_t.shape[1])
