@@ -71,7 +71,7 @@ def experiment(tmp_path):
 
 
 @pytest.mark.slow  # two arms × two seeds of the smoke scenario, ~30 s
-def test_runner_budgets_references_reuse_and_table(experiment, monkeypatch):
+def test_runner_budgets_references_reuse_and_table(experiment, monkeypatch, tmp_path):
     logged: list[str] = []
     results = run_experiment(experiment, log=logged.append)
     # the baseline on every seed first, then arm by arm
@@ -117,6 +117,17 @@ def test_runner_budgets_references_reuse_and_table(experiment, monkeypatch):
     assert not same_run(cfg, cfg.model_copy(update={"train": cfg.train.model_copy(
         update={"lr": 1.0})}))
     assert load_results(experiment).references == results.references
+    # records: kept when a run finishes (or is found), reused on a fresh output folder
+    records = tmp_path / "records"
+    kept = replace(experiment, records=records)
+    assert load_results(kept).references == results.references
+    for name in ("fedit", "fedasync"):
+        assert sorted(p.name for p in (records / "exp_test" / name / "seed0").iterdir()) == [
+            "config.yaml", "metrics.jsonl", "summary.json"]
+    fresh = replace(kept, overrides=[*experiment.overrides, f"output_dir={tmp_path / 'fresh'}"])
+    again = run_experiment(fresh, log=lambda _: None)
+    assert again.references == results.references
+    assert again.runs["fedasync"][1].rows == results.runs["fedasync"][1].rows
     ttt = time_to_target(results)
     body = report(
         results,

@@ -33,7 +33,16 @@ to the one it would run is not run again, and an unfinished one of the same
 config continues from its newest checkpoint, so a stopped experiment resumes
 where it stopped and seeds may be run by separate invocations. Equal means equal
 but for ``federation.checkpoint_every``, which changes only how much work a kill
-loses, never a result (a resumed run equals the uninterrupted one).
+loses, never a result (a resumed run equals the uninterrupted one), and but for
+``output_dir``, which says only where the run is written.
+
+**Records**: with ``Experiment.records`` set (the ``exp_*`` scripts set
+``benchmarks/records``, a folder kept in git), each finished run's record — its
+``config.yaml``, ``metrics.jsonl`` and ``summary.json``, a few kB, no weights —
+is copied to ``records/<experiment>/<arm>/seed<k>`` and counts as finished from
+there as from its run folder. A comparison that takes longer than one machine's
+session thus resumes on a fresh clone from the runs already committed, and its
+table can be rebuilt from the records alone (``--table-only``).
 
 **Processes**: with ``jobs`` > 1 the runs go to that many worker processes
 (``spawn``), each single-threaded (``torch.set_num_threads(1)``), seeds side by
@@ -69,6 +78,8 @@ COMPUTE_CAP = 4
 """PROTOCOL v2: a non-baseline arm uses at most this many times the baseline's updates."""
 TARGET_SHARE = 0.9
 LAST_EVALUATIONS = 3
+RECORD_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
+"""A finished run's record (module docstring, Records)."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +155,7 @@ class Experiment:
     budget: Literal["protocol", "equal"] = "protocol"
     central: bool = False
     data_dir: str | None = None
+    records: Path | None = None
 
     def __post_init__(self) -> None:
         names = [a.name for a in self.arms]
@@ -218,37 +230,57 @@ def central_config(exp: Experiment, seed: int) -> ExperimentConfig:
 # ------------------------------------------------------------------ reuse
 def same_run(a: ExperimentConfig, b: ExperimentConfig) -> bool:
     """Whether two configs give the same run: equal but for the checkpoint cadence
-    (module docstring, Reuse)."""
+    and the output folder (module docstring, Reuse)."""
 
     def key(cfg: ExperimentConfig) -> dict[str, Any]:
         dump = cfg.model_dump()
         dump["federation"].pop("checkpoint_every")
+        dump.pop("output_dir")
         return dump
 
     return key(a) == key(b)
 
 
-def finished(cfg: ExperimentConfig, *, unfinished: bool = False) -> Run | None:
-    """The finished run of exactly ``cfg`` in its folder, or None (module docstring).
-    With ``unfinished``, a run still going (or stopped before its end) of exactly
-    ``cfg`` too: its summary is built from the rows it has logged so far and says
-    ``stopped: unfinished``."""
-    run_dir = cfg.run_dir
-    done = (run_dir / "summary.json").is_file()
-    if not (done or unfinished) or not (run_dir / "config.yaml").is_file():
+def finished(
+    cfg: ExperimentConfig, *, unfinished: bool = False, records: Path | None = None
+) -> Run | None:
+    """The finished run of exactly ``cfg`` in its folder or, failing that, in
+    ``records`` (module docstring), or None. With ``unfinished``, a run still going
+    (or stopped before its end) of exactly ``cfg`` too: its summary is built from
+    the rows it has logged so far and says ``stopped: unfinished``."""
+    run = read_run(cfg.run_dir, cfg, unfinished=unfinished)
+    if run is None and records is not None:
+        run = read_run(records / cfg.name, cfg)
+    return run
+
+
+def read_run(folder: Path, cfg: ExperimentConfig, *, unfinished: bool = False) -> Run | None:
+    """The run of exactly ``cfg`` saved in ``folder`` (see :func:`finished`), or None."""
+    done = (folder / "summary.json").is_file()
+    if not (done or unfinished) or not (folder / "config.yaml").is_file():
         return None
-    if not same_run(load_config(run_dir / "config.yaml"), cfg):
+    if not same_run(load_config(folder / "config.yaml"), cfg):
         return None
     arm = cfg.name.split("/")[-2] if "/" in cfg.name else cfg.name
-    rows = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+    rows = read_metrics(folder) if (folder / "metrics.jsonl").is_file() else []
     if done:
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = json.loads((folder / "summary.json").read_text())
     elif len(rows) > 1:
         summary = summarize(rows, cfg.eval.metric, None, cfg.eval.primary)
         summary["stopped"] = "unfinished"
     else:
         return None
     return Run(arm, cfg.seed, cfg, summary, rows)
+
+
+def keep_record(cfg: ExperimentConfig, records: Path) -> None:
+    """Copy the finished run's record to ``records`` (module docstring), once."""
+    target = records / cfg.name
+    if (target / "summary.json").is_file() or not (cfg.run_dir / "summary.json").is_file():
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    for name in RECORD_FILES:
+        shutil.copyfile(cfg.run_dir / name, target / name)
 
 
 def references(baseline: Run, central: Run | None = None) -> References:
@@ -328,9 +360,11 @@ def run_experiment(
         queue.append((arm, seed, cfg))
 
     def settle(label: str, seed: int, cfg: ExperimentConfig) -> None:
-        run = finished(cfg)
+        run = finished(cfg, records=exp.records)
         if run is None:
             raise RuntimeError(f"{cfg.run_dir}: the run ended without a summary")
+        if exp.records is not None:
+            keep_record(cfg, exp.records)
         if label == CENTRAL:
             centrals[seed] = run
         else:
@@ -353,7 +387,7 @@ def run_experiment(
                 queue.sort(key=lambda item: (rank[item[0].name if item[0] else CENTRAL], item[1]))
                 arm, seed, cfg = queue.pop(0)
                 label = arm.name if arm else CENTRAL
-                if finished(cfg) is not None:
+                if finished(cfg, records=exp.records) is not None:
                     settle(label, seed, cfg)
                     continue
                 args = (
@@ -385,18 +419,25 @@ def run_experiment(
 def load_results(exp: Experiment, *, unfinished: bool = False) -> Results:
     """The finished runs of ``exp`` from disk, nothing run (a partial table); with
     ``unfinished`` also the runs still going, as far as they got (the baseline must
-    have finished: it sets the targets)."""
+    have finished: it sets the targets). Finished runs found in their folders are
+    kept in ``exp.records`` as when run."""
     runs: dict[str, dict[int, Run]] = {a.name: {} for a in exp.arms}
     refs: dict[int, References] = {}
+
+    def load(cfg: ExperimentConfig, unfinished: bool = False) -> Run | None:
+        if exp.records is not None:
+            keep_record(cfg, exp.records)
+        return finished(cfg, unfinished=unfinished, records=exp.records)
+
     for seed in exp.seeds:
-        base = finished(arm_config(exp, exp.baseline_arm, seed))
+        base = load(arm_config(exp, exp.baseline_arm, seed))
         if base is None:
             continue
         runs[exp.baseline][seed] = base
-        central = finished(central_config(exp, seed)) if exp.central else None
+        central = load(central_config(exp, seed)) if exp.central else None
         refs[seed] = references(base, central)
         for arm in exp.arms:
-            run = finished(arm_config(exp, arm, seed, refs[seed]), unfinished=unfinished)
+            run = load(arm_config(exp, arm, seed, refs[seed]), unfinished)
             if arm.name != exp.baseline and run is not None:
                 runs[arm.name][seed] = run
     return Results(exp, runs, refs, 0.0)

@@ -10,6 +10,9 @@ run → table → RESULTS.md section sequence.
     --table-only               run nothing: the table of the finished runs on disk
     --unfinished               with --table-only, also the runs still going (marked)
     --out FILE                 write the section here instead of benchmarks/RESULTS.md
+    --records DIR              keep finished runs' records here (default: benchmarks/records,
+                               kept in git, so a comparison resumes on a fresh clone; none
+                               at --size smoke); --no-records keeps none
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from fedhet.experiments.tables import Claim, Column, plot, report
 from fedhet.reports.results import RESULTS, write_section
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+RECORDS = CONFIGS.parent / "benchmarks" / "records"
 
 
 def parser(description: str, scenario: str, default_size: str = "cpu") -> argparse.ArgumentParser:
@@ -42,6 +46,9 @@ def parser(description: str, scenario: str, default_size: str = "cpu") -> argpar
     ap.add_argument("--budget", choices=("protocol", "equal"), default="protocol")
     ap.add_argument("--central", action="store_true", help="also the central reference")
     ap.add_argument("--out", type=Path, default=None, help="write here instead of RESULTS.md")
+    ap.add_argument("--records", type=Path, default=None,
+                    help="finished runs' records (default: benchmarks/records; none for smoke)")
+    ap.add_argument("--no-records", action="store_true", help="keep no records")
     ap.set_defaults(scenario=scenario)
     return ap
 
@@ -70,7 +77,15 @@ def experiment(
         budget=args.budget,
         central=args.central,
         data_dir=args.data_dir,
+        records=records_dir(args),
     )
+
+
+def records_dir(args: argparse.Namespace) -> Path | None:
+    """Where finished runs' records are kept (module docstring): none at smoke size."""
+    if args.no_records:
+        return None
+    return args.records or (None if args.size == "smoke" else RECORDS)
 
 
 def run(exp: Experiment, args: argparse.Namespace) -> Results:
