@@ -96,9 +96,12 @@ def test_truncation_is_the_best_rank_r_approximation():
         assert math.isclose(error, float((sigma[r:] ** 2).sum()), rel_tol=1e-9)
 
 
-def test_missing_singular_directions_are_completed_orthonormally():
+@pytest.mark.parametrize("dense", [False, True])
+def test_missing_singular_directions_are_completed_orthonormally(dense):
     factors = _factors([1, 1], 12, 10, seed=7)  # ΔW_g has rank 2, 5 slots asked
-    u, s, v = factored_svd(factors, [0.5, 0.5], 5)
+    if dense:  # a zero-B client of rank 10 makes Σr ≥ width: the Gram path, rank 2 still
+        factors.append((torch.zeros(12, 10, dtype=F64), torch.randn(10, 10, dtype=F64)))
+    u, s, v = factored_svd(factors, [0.5, 0.5, 0.1][: len(factors)], 5)
     assert u.shape == (12, 5) and v.shape == (10, 5)
     assert torch.allclose(v.T @ v, torch.eye(5, dtype=F64), atol=1e-12)
     assert torch.allclose(u.T @ u, torch.eye(5, dtype=F64), atol=1e-12)

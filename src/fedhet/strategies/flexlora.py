@@ -44,9 +44,14 @@ Choices the paper leaves open:
   complement (singular value 0), as a dense SVD would return: the client's A rows
   there are orthonormal and B zero, so those slots still train. The completion
   is seeded (``seed``).
-* The SVD runs in float64 while Σr < width (the small core) and in float32
-  beyond (the dense matrix; ``benchmarks/bench_flexlora_svd.py`` reports its
-  error against float64), and is cast back to the state's dtype.
+* The SVD runs in float64 while Σr < width (the small core). Beyond, the product
+  of the stacked factors is formed in float32 (its cost grows with Σr) and its
+  top-R SVD comes from the float64 eigendecomposition of its smaller Gram matrix
+  (:func:`gram_svd`): one GEMM and a symmetric eigensolver of min(d_out, d_in)²
+  instead of LAPACK's SVD of the whole matrix, faster, and exact for the float32
+  product, whose rounding is then the only error left
+  (``benchmarks/bench_flexlora_svd.py`` reports it against float64; a float32
+  SVD added 1e-5). Results are cast back to the state's dtype.
 * p_k is normalised over the updates that hold the module; a module no update
   holds keeps its global factors. Updates arrive validated by the runtime
   (:mod:`fedhet.runtime.validation`: each has exactly the shapes, hence the
@@ -87,20 +92,41 @@ def factored_svd(
     orthonormal columns and ``U diag(S) Vᵀ`` the best rank-``rank`` approximation
     of M. While K = Σ r_k < min(d_out, d_in), thin QRs of the stacked factors leave
     a K × K core (:func:`thin_svd`); from there on no exact method has less to
-    decompose than M itself (its rank can be min(d_out, d_in)), so the core is the
-    product of the stacked factors, formed and decomposed in ``dense_dtype``
-    (float32: the d_out × d_in SVD is the cost there, and single precision halves
-    it; the results come back in ``dtype``; ``product``: M when the caller has
-    formed it). Singular directions beyond the rank of M are completed
-    orthonormally (seeded) with singular value 0.
+    decompose than M itself (its rank can be min(d_out, d_in)), so M is formed as
+    the product of the stacked factors in ``dense_dtype`` (float32: its cost grows
+    with Σr; ``product``: M when the caller has formed it) and its top-``rank``
+    SVD taken in ``dtype`` by :func:`gram_svd`. Singular directions beyond the rank
+    of M are completed orthonormally (seeded) with singular value 0.
     """
     if not is_dense(factors):
         u, s, v = thin_svd(factors, weights, dtype)
     else:
         core = stacked_product(factors, weights, dense_dtype) if product is None else product
-        u, s, vh = (t.to(dtype) for t in torch.linalg.svd(core, full_matrices=False))
-        v = vh.T
+        u, s, v = gram_svd(core.to(dtype), rank)
     return _top(u, s, v, rank, seed)
+
+
+GRAM_CUTOFF = 1e-6
+"""Singular values below this share of the largest are taken as 0 by :func:`gram_svd`."""
+
+
+def gram_svd(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The leading ≤ ``rank`` singular triplets ``(U, S, V)`` of ``m`` from the
+    eigendecomposition of its smaller Gram matrix: with d_in ≤ d_out,
+    ``mᵀm = V S² Vᵀ`` and ``U = m V / S`` (the transpose otherwise). In float64
+    the squared spectrum loses nothing the truncation needs: eigenvalues carry an
+    absolute error ~1e-16·σ_1², so every σ_i above ``GRAM_CUTOFF``·σ_1 is resolved
+    and its U column is accurate to ~1e-16·(σ_1/σ_i)²; smaller ones are dropped
+    (left to :func:`_top`'s completion, as singular value 0)."""
+    if m.shape[1] > m.shape[0]:
+        v, s, u = gram_svd(m.T, rank)
+        return u, s, v
+    lam, vecs = torch.linalg.eigh(m.T @ m)
+    lam, vecs = lam.flip(0)[:rank], vecs.flip(1)[:, :rank]
+    s = lam.clamp_min(0).sqrt()
+    keep = s > GRAM_CUTOFF * s[0] if s.numel() and s[0] > 0 else s > 0
+    s, v = s[keep], vecs[:, keep]
+    return (m @ v) / s, s, v
 
 
 def thin_svd(
