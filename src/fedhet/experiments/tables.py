@@ -140,6 +140,7 @@ def standard_columns(results: Results) -> list[Column]:
     primary, metric = first.primary, first.summary["metric"]
     points = 100.0 if metric == "accuracy" else 1.0
     unit = " [points]" if points == 100 else ""
+    fmt = ".1f" if points == 100 else ".4f"  # points, or a fraction (ROUGE-L) to 4 places
     ttt = time_to_target(results)
     scale = points if primary == metric else 1.0
     figures = [
@@ -148,8 +149,9 @@ def standard_columns(results: Results) -> list[Column]:
     ]
     if primary != metric:
         figures += [
-            Column(f"final {metric}{unit}", final(metric, points), ".1f"),
-            Column(f"Δ {metric} vs baseline{unit}", final(metric, points), "+.1f", "difference"),
+            Column(f"final {metric}{unit}", final(metric, points), fmt),
+            Column(f"Δ {metric} vs baseline{unit}", final(metric, points), f"+{fmt}",
+                   "difference"),
         ]
     return [
         Column("client updates used", updates_used, ".0f"),
@@ -157,8 +159,8 @@ def standard_columns(results: Results) -> list[Column]:
         Column("time to target [virtual s]", ttt, ".3g"),
         Column("speed-up vs baseline", ttt, ".2f", paired="ratio"),
         *figures,
-        Column(f"final local {metric}{unit} (mean)", summary("final_local_mean", points), ".1f"),
-        Column("local spread (std)", summary("final_local_std", points), ".1f"),
+        Column(f"final local {metric}{unit} (mean)", summary("final_local_mean", points), fmt),
+        Column("local spread (std)", summary("final_local_std", points), fmt),
         Column("MB up", summary("bytes_up", 1e-6), ".1f"),
         Column("MB down", summary("bytes_down", 1e-6), ".1f"),
         Column("idle fraction", summary("idle_fraction"), ".2f"),
