@@ -11,9 +11,12 @@ truncation (R = 56) and the rank-r truncation handed to every rank r in use:
 * ours: :meth:`fedhet.strategies.flexlora.FlexLoRA.aggregate`, the whole round
   the server runs: thin QRs of the stacked factors and an SVD of the Σr × Σr core
   in float64 while Σr < min(d_out, d_in), beyond one float32 product of the
-  stacked factors and its SVD; the remainder of ΔW_g the strategy keeps for its
-  exact global model (from the same product); the aggregation error it logs every
-  round (:func:`fedhet.strategies.base.aggregation_error`); the same truncations.
+  stacked factors and the float64 eigendecomposition of its smaller Gram matrix
+  (:func:`fedhet.strategies.flexlora.gram_svd`); the remainder of ΔW_g the
+  strategy keeps for its exact global model (from the same product); the
+  aggregation error it logs every round
+  (:func:`fedhet.strategies.base.aggregation_error`: exact from the factors, or
+  a 64-probe estimate on wide stacks); the same truncations.
 
 Reported per profile and N: wall seconds of each path over all modules (factor
 generation excluded; ``--threads`` intra-op threads for both, side by side in one
@@ -177,7 +180,8 @@ def main() -> None:
         "process. rel. error: worst ||T_r − T_r(float64 dense)||_F / ||T_r(float64 dense)||_F "
         "over modules and ranks in use. Ours: FlexLoRA.aggregate, the whole server round: "
         "the small core while Σr < min(d_out, d_in) (576 for every module here), the "
-        "float32 product beyond, and the aggregation error it logs every round; that "
+        "float32 product and its float64 Gram eigendecomposition beyond, and the "
+        "aggregation error it logs every round (a 64-probe estimate on wide stacks); that "
         "error's share is timed again on its own, and the last speed-up leaves it out "
         "(the SVD redistribution alone). The targets apply to the whole round.",
         "",
