@@ -124,7 +124,7 @@ def gram_svd(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, to
     lam, vecs = torch.linalg.eigh(m.T @ m)
     lam, vecs = lam.flip(0)[:rank], vecs.flip(1)[:, :rank]
     s = lam.clamp_min(0).sqrt()
-    keep = s > GRAM_CUTOFF * s[0] if s.numel() and s[0] > 0 else s > 0
+    keep = s > GRAM_CUTOFF * s[0]  # all False when m = 0: every direction completed
     s, v = s[keep], vecs[:, keep]
     return (m @ v) / s, s, v
 
