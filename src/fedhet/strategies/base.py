@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC
+from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -248,17 +249,19 @@ def aggregation_error(
         measured = True
         d_out, d_in = applied[b_key].shape[0], applied[a_key].shape[1]
         live = sum(int(s[b_key].any(0).sum()) for s in (applied, *clients))
-        delta = any(_nonzero_delta(s, mod) for s in (applied, *clients))
+        # scanning a dense delta costs as much as reading it: once per state and module
+        mine_delta, *their_delta = (_nonzero_delta(s, mod) for s in (applied, *clients))
+        delta = mine_delta or any(their_delta)
         if live > SKETCH_RANK and (delta or live >= min(d_out, d_in)):
             gen = torch.Generator().manual_seed(index)
             omega = torch.randn(d_in, SKETCH_PROBES, generator=gen, dtype=torch.float64)
-            average = _probed(mod, shares, omega)
+            average = _probed(mod, shares, their_delta, omega)
             norm += float(average.pow(2).sum()) / SKETCH_PROBES
-            mine = _probed(mod, [(applied, 1.0)], omega)
+            mine = _probed(mod, [(applied, 1.0)], [mine_delta], omega)
             error += float((mine - average).pow(2).sum()) / SKETCH_PROBES
             continue
-        x_t, y_t, e_t = stacked_factors(mod, shares)  # the average
-        x_g, y_g, e_g = stacked_factors(mod, [(applied, 1.0)])  # the global adapter
+        x_t, y_t, e_t = stacked_factors(mod, shares, their_delta)  # the average
+        x_g, y_g, e_g = stacked_factors(mod, [(applied, 1.0)], [mine_delta])  # the global
         if not delta and live < min(d_out, d_in):
             norm += _thin_norm(x_t, y_t) ** 2
             error += _thin_norm(torch.cat([x_g, -x_t], 1), torch.cat([y_g, y_t])) ** 2
@@ -273,12 +276,13 @@ def aggregation_error(
 
 @torch.no_grad()
 def stacked_factors(
-    module: str, terms: list[tuple[AdapterState, float]]
+    module: str, terms: list[tuple[AdapterState, float]], with_delta: Sequence[bool]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(X, Y, D)`` in float64 with X·Y + D = Σ_s c_s (B_s·A_s + E_s) / r_s for
     ``terms`` ``(state_s, c_s)`` of one module: ``X = [c_1 B_1 / r_1 | … ]``,
     ``Y = [A_1; …]``, D = Σ c_s E_s / r_s over the states with a nonzero base delta
-    E_s (None when none has one); r_s is the rank of state s. Slots whose B column
+    E_s (``with_delta``, one flag per term; D is None when none has one); r_s is
+    the rank of state s. Slots whose B column
     is zero add nothing and are dropped (a fresh LoRA's B; FlexLoRA's completed
     directions), which keeps the thin QRs of :func:`aggregation_error` small."""
     a_key, b_key = factor_keys(module)
@@ -288,24 +292,28 @@ def stacked_factors(
     live = x.any(0)
     x, y = x[:, live], y[live]
     delta = None
-    for s, c in terms:
-        if _nonzero_delta(s, module):
+    for (s, c), nonzero in zip(terms, with_delta, strict=True):
+        if nonzero:
             part = (c / s[a_key].shape[0]) * s[d_key].double()
             delta = part if delta is None else delta + part
     return x, y, delta
 
 
 def _probed(
-    module: str, terms: list[tuple[AdapterState, float]], omega: torch.Tensor
+    module: str,
+    terms: list[tuple[AdapterState, float]],
+    with_delta: Sequence[bool],
+    omega: torch.Tensor,
 ) -> torch.Tensor:
     """Σ_s c_s (B_s·A_s + E_s)·Ω / r_s in float64, state by state: the probes of
-    :func:`aggregation_error`, with no stacked copy of the factors."""
+    :func:`aggregation_error`, with no stacked copy of the factors (E_s only where
+    ``with_delta`` flags it nonzero)."""
     a_key, b_key = factor_keys(module)
     d_key = delta_key(module)
     out = omega.new_zeros(terms[0][0][b_key].shape[0], omega.shape[1])
-    for s, c in terms:
+    for (s, c), nonzero in zip(terms, with_delta, strict=True):
         part = s[b_key].double() @ (s[a_key].double() @ omega)
-        if d_key in s:
+        if nonzero:
             part += s[d_key].double() @ omega
         out.add_(part, alpha=c / s[a_key].shape[0])
     return out
