@@ -18,7 +18,13 @@ accuracy instead, the figure its paper reports.
 Budget ``equal`` by default (every arm the config's rounds): the claims compare
 final figures at equal rounds; the target from FedIT still gives "time to target".
 
+FedSA-LoRA's claim is on the personalised model, which S-cls (each client trains about
+twice) barely exercises; ``configs/s-cls-fedsa-cpu.yaml`` is the authors' federation
+(3 clients, every one in every round) for that claim alone.
+
     python benchmarks/exp_exact.py --size cpu --jobs 2                   # → RESULTS.md
+    python benchmarks/exp_exact.py --config configs/s-cls-fedsa-cpu.yaml --methods fedsa-lora \
+        --jobs 2                                                          # → RESULTS.md
     python benchmarks/exp_exact.py --size smoke --seeds 0 --set output_dir=/tmp/runs \\
         --out /tmp/exact.md                                                # smoke
 """
