@@ -23,7 +23,7 @@ twice) barely exercises; ``configs/s-cls-fedsa-cpu.yaml`` is the authors' federa
 (3 clients, every one in every round) for that claim alone.
 
     python benchmarks/exp_exact.py --size cpu --jobs 2                   # → RESULTS.md
-    python benchmarks/exp_exact.py --config configs/s-cls-fedsa-cpu.yaml --methods fedsa-lora \
+    python benchmarks/exp_exact.py --config configs/s-cls-fedsa-cpu.yaml --methods fedsa-lora \\
         --jobs 2                                                          # → RESULTS.md
     python benchmarks/exp_exact.py --size smoke --seeds 0 --set output_dir=/tmp/runs \\
         --out /tmp/exact.md                                                # smoke

@@ -282,9 +282,9 @@ def stacked_factors(
     ``terms`` ``(state_s, c_s)`` of one module: ``X = [c_1 B_1 / r_1 | … ]``,
     ``Y = [A_1; …]``, D = Σ c_s E_s / r_s over the states with a nonzero base delta
     E_s (``with_delta``, one flag per term; D is None when none has one); r_s is
-    the rank of state s. Slots whose B column
-    is zero add nothing and are dropped (a fresh LoRA's B; FlexLoRA's completed
-    directions), which keeps the thin QRs of :func:`aggregation_error` small."""
+    the rank of state s. Slots whose B column is zero add nothing and are dropped (a
+    fresh LoRA's B; FlexLoRA's completed directions), which keeps the thin QRs of
+    :func:`aggregation_error` small."""
     a_key, b_key = factor_keys(module)
     d_key = delta_key(module)
     x = torch.cat([(c / s[a_key].shape[0]) * s[b_key].double() for s, c in terms], 1)
