@@ -224,3 +224,27 @@ def test_upper_bounds_of_seeds_that_never_reached_the_target_can_refute_a_speed_
     # bounds 5, 4, 4.545: mean 4.52, t-interval up to ≈ 5.76 < 6
     assert "**refuted**: with the seeds that did not reach it" in refuted
     assert "**inconclusive**" in open_  # bounds below 6 say nothing about ≥ 1
+
+
+def test_a_record_of_another_config_is_replaced_not_kept(tmp_path):
+    from fedhet.config import dump_config, load_config
+    from fedhet.experiments.runner import keep_record, read_run
+
+    def finished_run(*overrides: str):
+        cfg = load_config(REPO / "configs" / "s-cls-smoke.yaml", [
+            f"output_dir={tmp_path / 'runs'}", "name=exp/fedit/seed0", *overrides])
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, cfg.run_dir / "config.yaml")
+        (cfg.run_dir / "metrics.jsonl").write_text('{"step": 0, "global_loss": 1.0}\n')
+        (cfg.run_dir / "summary.json").write_text('{"stopped": "budget"}')
+        return cfg
+
+    records = tmp_path / "records"
+    old = finished_run("train.lr=3e-4")
+    keep_record(old, records)
+    assert read_run(records / old.name, old) is not None
+    new = finished_run("train.lr=1e-3")  # the scenario changed: same name, another run
+    assert read_run(records / new.name, new) is None
+    keep_record(new, records)
+    assert read_run(records / new.name, new) is not None
+    assert read_run(records / old.name, old) is None

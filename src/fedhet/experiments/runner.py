@@ -274,9 +274,11 @@ def read_run(folder: Path, cfg: ExperimentConfig, *, unfinished: bool = False) -
 
 
 def keep_record(cfg: ExperimentConfig, records: Path) -> None:
-    """Copy the finished run's record to ``records`` (module docstring), once."""
+    """Copy the finished run's record to ``records`` (module docstring), once. A
+    record of a different config under the same name (the scenario changed since it
+    was kept, e.g. its learning rate) is replaced, as it can never be reused."""
     target = records / cfg.name
-    if (target / "summary.json").is_file() or not (cfg.run_dir / "summary.json").is_file():
+    if not (cfg.run_dir / "summary.json").is_file() or read_run(target, cfg) is not None:
         return
     target.mkdir(parents=True, exist_ok=True)
     for name in RECORD_FILES:
