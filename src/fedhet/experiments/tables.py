@@ -360,6 +360,15 @@ def plot(results: Results, path: Path, key: str | None = None) -> Path:
     return save_figure(fig, path)
 
 
+def shown(path: Path) -> Path:
+    """``path`` relative to the working folder when it lies under it (a section then
+    names ``configs/x.yaml``, not the machine's checkout), else as given."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return path
+
+
 def report(
     results: Results,
     columns: Sequence[Column],
@@ -379,8 +388,8 @@ def report(
         else "every arm the configured budget"
     )
     lines = [
-        f"- scenario: `{exp.config}`" + (f" with `{' '.join(exp.overrides)}`" if exp.overrides
-                                          else ""),
+        f"- scenario: `{shown(exp.config)}`"
+        + (f" with `{' '.join(exp.overrides)}`" if exp.overrides else ""),
         f"- seeds: {', '.join(map(str, exp.seeds))}; baseline: {exp.baseline}; budget: {budget}",
         f"- wall time of this invocation: {results.wall_time:.0f} s (finished runs reused); "
         f"the wall times of the {len(finished)} runs tabulated sum to {sum(walls) / 60:.0f} min",
