@@ -154,6 +154,7 @@ def main() -> None:
             return []
         run = hier[min(hier)]
         return [
+            "",
             f"HierFedLoRA groups at the end of seed {run.seed}'s run:",
             "",
             *grouping_report(results, run, args.data_dir),
