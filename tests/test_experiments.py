@@ -248,3 +248,52 @@ def test_a_record_of_another_config_is_replaced_not_kept(tmp_path):
     keep_record(new, records)
     assert read_run(records / new.name, new) is not None
     assert read_run(records / old.name, old) is None
+
+
+def test_time_budget_runs_every_arm_to_t_without_stopping_at_the_target(experiment):
+    from fedhet.experiments.runner import References, arm_config
+
+    refs = References(base=2.0, baseline_final=1.0, target=1.1, baseline_time=42.0)
+    for budget, stops in (("protocol", True), ("time", False)):
+        exp = replace(experiment, budget=budget)
+        chaser = arm_config(exp, exp.arms[1], 0, refs)
+        assert chaser.eval.stop_at_target is stops
+        assert chaser.federation.max_virtual_time == 42.0
+        assert chaser.eval.target == 1.1
+        baseline = arm_config(exp, exp.arms[0], 0, refs)
+        assert not baseline.eval.stop_at_target
+        assert baseline.federation.max_virtual_time is None
+
+
+def test_a_variant_gets_its_own_key_and_shares_identical_runs(tmp_path):
+    import argparse
+
+    from fedhet.config import dump_config, load_config
+    from fedhet.experiments import script
+    from fedhet.experiments.runner import finished
+
+    def key(budget: str = "protocol", *sets: str) -> str:
+        args = argparse.Namespace(
+            config=None, scenario="s-cls", size="smoke", overrides=list(sets), seeds=[0],
+            budget=budget, central=False, data_dir=None, records=None, no_records=True,
+        )
+        return script.experiment(args, "exp_x", [Arm("fedit")], "fedit").key
+
+    assert key() == "exp_x-s-cls-smoke" == key("protocol", "output_dir=/tmp/r")
+    assert key("time") == "exp_x-s-cls-smoke-at-T"
+    lr = key("protocol", "train.lr=1e-3")
+    assert lr.startswith("exp_x-s-cls-smoke-set-") and lr != key("protocol", "train.lr=3e-4")
+    # a record kept by another experiment with the same config but for its name is reused
+    records = tmp_path / "records"
+    smoke = REPO / "configs" / "s-cls-smoke.yaml"
+    kept = load_config(smoke, [f"output_dir={tmp_path}", "name=exp_a/fedit/seed0"])
+    (records / kept.name).mkdir(parents=True)
+    dump_config(kept, records / kept.name / "config.yaml")
+    (records / kept.name / "metrics.jsonl").write_text('{"step": 0, "global_loss": 1.0}\n')
+    (records / kept.name / "summary.json").write_text('{"stopped": "budget"}')
+    wanted = load_config(smoke, [f"output_dir={tmp_path}", "name=exp_b/fedit/seed0"])
+    run = finished(wanted, records=records)
+    assert run is not None and run.cfg.name == "exp_b/fedit/seed0" and run.arm == "fedit"
+    other = load_config(smoke, [f"output_dir={tmp_path}", "name=exp_b/fedit/seed0",
+                                "train.lr=0.5"])
+    assert finished(other, records=records) is None

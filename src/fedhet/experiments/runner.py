@@ -25,6 +25,10 @@ the paired comparisons hold the partition fixed.
   a synchronous or hierarchical arm gets 4 × the rounds (a hierarchical round
   holds τ_g intra-group rounds per group, so its cap in client updates is looser;
   the time limit T binds it as every arm).
+* ``time``: as ``protocol`` but an arm does not stop at the target: every arm runs
+  to the baseline's virtual time T (or the 4× cap), so final figures compare at
+  equal virtual time (an accuracy claim, which ``protocol`` decides at the
+  target by construction); "time to target" is still read from its evaluations.
 * ``equal``: every arm runs the scenario's budget as written (ablations at equal
   rounds); the target is still derived from the baseline, for "time to target".
 
@@ -40,7 +44,10 @@ loses, never a result (a resumed run equals the uninterrupted one), and but for
 ``benchmarks/records``, a folder kept in git), each finished run's record — its
 ``config.yaml``, ``metrics.jsonl`` and ``summary.json``, a few kB, no weights —
 is copied to ``records/<experiment>/<arm>/seed<k>`` and counts as finished from
-there as from its run folder. A comparison that takes longer than one machine's
+there as from its run folder. A record of another experiment whose config is the
+same but for its name counts too (e.g. two experiments sharing a FedIT baseline:
+the run is the same computation, so it is not repeated; the table reads it from
+the other experiment's record). A comparison that takes longer than one machine's
 session thus resumes on a fresh clone from the runs already committed, and its
 table can be rebuilt from the records alone (``--table-only``).
 
@@ -152,7 +159,7 @@ class Experiment:
     seeds: list[int]
     overrides: list[str] = field(default_factory=list)
     baseline: str | None = None
-    budget: Literal["protocol", "equal"] = "protocol"
+    budget: Literal["protocol", "time", "equal"] = "protocol"
     central: bool = False
     data_dir: str | None = None
     records: Path | None = None
@@ -195,7 +202,8 @@ def arm_config(
     exp: Experiment, arm: Arm, seed: int, refs: References | None = None
 ) -> ExperimentConfig:
     """The config of one (arm, seed): the scenario, the arm's overrides, the seed, the
-    run folder, and under the ``protocol`` budget the chase budget from ``refs``."""
+    run folder, and under the ``protocol`` and ``time`` budgets the chase budget from
+    ``refs``."""
     base = scenario(exp)
     raw = apply_overrides(base.model_dump(mode="json"), list(arm.overrides))
     raw |= {"seed": seed, "name": f"{exp.key}/{arm.name}/seed{seed}"}
@@ -203,9 +211,9 @@ def arm_config(
     cfg = validate_config(raw, source=f"{exp.config} (arm {arm.name})")
     if refs is not None:
         cfg.eval.target = refs.target
-        if exp.budget == "protocol" and arm.name != exp.baseline:
+        if exp.budget in ("protocol", "time") and arm.name != exp.baseline:
             chase(cfg, base)
-            cfg.eval.stop_at_target = True
+            cfg.eval.stop_at_target = exp.budget == "protocol"
             cfg.federation.max_virtual_time = max(refs.baseline_time, 1e-9)
     return validate_config(cfg.model_dump(mode="json"), source=f"arm {arm.name}")
 
@@ -228,14 +236,17 @@ def central_config(exp: Experiment, seed: int) -> ExperimentConfig:
 
 
 # ------------------------------------------------------------------ reuse
-def same_run(a: ExperimentConfig, b: ExperimentConfig) -> bool:
+def same_run(a: ExperimentConfig, b: ExperimentConfig, *, any_name: bool = False) -> bool:
     """Whether two configs give the same run: equal but for the checkpoint cadence
-    and the output folder (module docstring, Reuse)."""
+    and the output folder (module docstring, Reuse), and with ``any_name`` the name
+    (which says only where the run is kept)."""
 
     def key(cfg: ExperimentConfig) -> dict[str, Any]:
         dump = cfg.model_dump()
         dump["federation"].pop("checkpoint_every")
         dump.pop("output_dir")
+        if any_name:
+            dump.pop("name")
         return dump
 
     return key(a) == key(b)
@@ -250,16 +261,43 @@ def finished(
     the rows it has logged so far and says ``stopped: unfinished``."""
     run = read_run(cfg.run_dir, cfg, unfinished=unfinished)
     if run is None and records is not None:
-        run = read_run(records / cfg.name, cfg)
+        run = read_run(records / cfg.name, cfg) or twin(cfg, records)
     return run
 
 
-def read_run(folder: Path, cfg: ExperimentConfig, *, unfinished: bool = False) -> Run | None:
-    """The run of exactly ``cfg`` saved in ``folder`` (see :func:`finished`), or None."""
+def twin(cfg: ExperimentConfig, records: Path) -> Run | None:
+    """A finished record of another experiment (or arm) whose config equals ``cfg``
+    but for its name (module docstring, Records), as ``cfg``'s run, or None."""
+    for saved in sorted(records.rglob("config.yaml")):
+        folder = saved.parent
+        if (folder / "summary.json").is_file() and same_run(
+            saved_config(saved), cfg, any_name=True
+        ):
+            return read_run(folder, cfg, any_name=True)
+    return None
+
+
+_SAVED: dict[Path, tuple[int, ExperimentConfig]] = {}
+
+
+def saved_config(path: Path) -> ExperimentConfig:
+    """``load_config(path)``, parsed once per version of the file (:func:`twin`
+    compares against every record, several times per experiment)."""
+    stamp = path.stat().st_mtime_ns
+    if path not in _SAVED or _SAVED[path][0] != stamp:
+        _SAVED[path] = (stamp, load_config(path))
+    return _SAVED[path][1]
+
+
+def read_run(
+    folder: Path, cfg: ExperimentConfig, *, unfinished: bool = False, any_name: bool = False
+) -> Run | None:
+    """The run of exactly ``cfg`` saved in ``folder`` (see :func:`finished`; with
+    ``any_name`` under any name), or None."""
     done = (folder / "summary.json").is_file()
     if not (done or unfinished) or not (folder / "config.yaml").is_file():
         return None
-    if not same_run(load_config(folder / "config.yaml"), cfg):
+    if not same_run(saved_config(folder / "config.yaml"), cfg, any_name=any_name):
         return None
     arm = cfg.name.split("/")[-2] if "/" in cfg.name else cfg.name
     rows = read_metrics(folder) if (folder / "metrics.jsonl").is_file() else []

@@ -5,7 +5,9 @@ run → table → RESULTS.md section sequence.
     --set KEY=VALUE            overrides for every arm (repeatable)
     --seeds 0 1 2              seeds (default: PROTOCOL v2's 0, 1, 2)
     --jobs N                   worker processes, one thread each (default 1)
-    --budget protocol|equal    PROTOCOL v2's chase budget, or every arm the config's
+    --budget protocol|time|equal  PROTOCOL v2's chase budget; the same without the stop
+                               at the target (every arm to the baseline's virtual time
+                               T: final figures at equal time); or every arm the config's
     --central                  also run the central reference (PROTOCOL's v1 target line)
     --table-only               run nothing: the table of the finished runs on disk
     --unfinished               with --table-only, also the runs still going (marked)
@@ -18,6 +20,7 @@ run → table → RESULTS.md section sequence.
 from __future__ import annotations
 
 import argparse
+import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -43,7 +46,7 @@ def parser(description: str, scenario: str, default_size: str = "cpu") -> argpar
         "--unfinished", action="store_true",
         help="with --table-only: include the runs still going, as far as they got",
     )
-    ap.add_argument("--budget", choices=("protocol", "equal"), default="protocol")
+    ap.add_argument("--budget", choices=("protocol", "time", "equal"), default="protocol")
     ap.add_argument("--central", action="store_true", help="also the central reference")
     ap.add_argument("--out", type=Path, default=None, help="write here instead of RESULTS.md")
     ap.add_argument("--records", type=Path, default=None,
@@ -64,11 +67,21 @@ def experiment(
     baseline: str,
     overrides: Sequence[str] = (),
 ) -> Experiment:
-    """The experiment ``<name>-<config stem>`` of ``arms`` with the shared options
-    (seeds, ``--set`` overrides then ``overrides``, budget, data folder, central)."""
+    """The experiment ``<name>-<config stem>[-<variant>]`` of ``arms`` with the shared
+    options (seeds, ``--set`` overrides then ``overrides``, budget, data folder,
+    central). A variant of the scenario gets its own key, hence its own runs, records
+    and RESULTS.md section, never replacing the scenario's: ``-at-T`` for the
+    ``time`` budget, ``-set-<hash>`` for ``--set`` overrides (but ``output_dir``).
+    Runs that are the same computation are still shared (the runner's twins)."""
     config = config_path(args)
+    key = f"{name}-{config.stem}"
+    if args.budget == "time":
+        key += "-at-T"
+    changes = sorted(o for o in args.overrides if not o.startswith("output_dir="))
+    if changes:
+        key += "-set-" + hashlib.sha1("\n".join(changes).encode()).hexdigest()[:6]
     return Experiment(
-        key=f"{name}-{config.stem}",
+        key=key,
         config=config,
         arms=arms,
         seeds=args.seeds,

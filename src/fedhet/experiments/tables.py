@@ -381,12 +381,14 @@ def report(
     exp = results.experiment
     finished = [run for runs in results.runs.values() for run in runs.values()]
     walls = [run.summary.get("wall_time") or 0.0 for run in finished]
-    budget = (
-        "PROTOCOL v2: the baseline's budget as configured; every other arm until the "
-        "target, the baseline's virtual time T or 4× its client updates"
-        if exp.budget == "protocol"
-        else "every arm the configured budget"
-    )
+    budget = {
+        "protocol": "PROTOCOL v2: the baseline's budget as configured; every other arm "
+        "until the target, the baseline's virtual time T or 4× its client updates",
+        "time": "the baseline's budget as configured; every other arm until the "
+        "baseline's virtual time T or 4× its client updates (no stop at the target: "
+        "final figures at equal virtual time)",
+        "equal": "every arm the configured budget",
+    }[exp.budget]
     lines = [
         f"- scenario: `{shown(exp.config)}`"
         + (f" with `{' '.join(exp.overrides)}`" if exp.overrides else ""),
