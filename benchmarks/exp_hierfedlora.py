@@ -128,8 +128,8 @@ def main() -> None:
     )
     arms = [
         Arm("fedit", ("strategy.name=fedit", "strategy.params={}")),
+        Arm("hierfedlora", ()),  # the claims' arm first: a run cut short has it on every seed
         Arm("fedit@d_min", (restricted,)),
-        Arm("hierfedlora", ()),
         Arm("hier-tau1", ("strategy.params.taus=[1]",)),
         Arm("hier-fulldepth", ("strategy.params.full_depth=true",)),
     ]
