@@ -8,8 +8,8 @@ trainable or not). Three statistics, used by FibecFed
 * **Sample difficulty** (curriculum): the trace of the diagonal empirical Fisher
   of sample i, d_i = Σ_θ (∂ℓ_i/∂θ)², ℓ_i the mean next-token NLL over the
   sample's response tokens. :func:`per_sample_fisher` computes the per-sample
-  gradients of a whole chunk at once with ``torch.func`` (``vmap`` of ``grad`` of
-  a ``functional_call``), never one backward per sample.
+  gradients of a whole chunk from one batched backward (each LoRA factor's
+  inputs and output gradients), never one backward per sample.
 * **Neuron scores** (sparse local update): for every LoRA factor, the Fisher
   mass of each row (a neuron: row j of B is output unit j, row i of A is rank
   component i), f_j = Σ_{θ ∈ row j} g_θ², smoothed over gradient observations by
@@ -31,11 +31,10 @@ Choices the paper leaves open:
   pass (the mean of that chunk's per-sample gradients): neuron and layer scores
   therefore use one estimator, the squared mini-batch gradient, everywhere.
 * The scoring pass runs on the start state of a local update, in eval mode
-  (no dropout), with the model's eager attention (``vmap`` has no batching rule
-  for fused attention kernels); chunks are formed after sorting by length.
-  Sequences are right-padded and attention is causal, so the pad tokens at the
-  end never influence the loss and no attention mask is needed: d_i equals (up
-  to rounding) the value of a one-sample backward through the usual loss.
+  (no dropout); chunks are formed after sorting by length. Sequences are
+  right-padded and attention is causal, so the pad tokens at the end never
+  influence the loss: d_i equals (up to rounding) the value of a one-sample
+  backward through the usual loss.
 * Scores are computed once per client and cached (client state, below); a
   client rescores after ``rescore_every`` of its own local updates (None: never),
   counted in its cache, so a client that rarely takes part never pays twice. The
@@ -94,11 +93,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.func import functional_call, grad, vmap
 
 from fedhet.client.curriculum import easiest
 from fedhet.client.loss import target_nll
-from fedhet.data.encode import IGNORE_INDEX, Example, collate
+from fedhet.data.encode import Example, collate
 from fedhet.model.lora import AdapterState, LoraModel, is_lora_a, layer_index
 
 if TYPE_CHECKING:
@@ -130,85 +128,82 @@ def per_sample_fisher(
     """d_i = Σ_θ (∂ℓ_i/∂θ)² over all LoRA parameters θ of ``lm`` for each example,
     at the model's current adapter (a float32 CPU tensor [n], in example order).
 
-    Examples are sorted by length and cut into chunks of ``batch_size``; each
-    chunk's per-sample gradients come from one ``vmap(grad(...))`` call. As in
-    :func:`fedhet.client.loss.target_nll`, the output layer (``lm_head``) is
-    applied only at positions whose next token is a target (gathered to a fixed
-    width per chunk, as ``vmap`` needs), so LoRA must sit inside the decoder
-    (``.model``). When given, ``observe`` receives each chunk's mean gradient by
-    adapter key.
+    Examples are sorted by length and cut into chunks of ``batch_size``; each chunk
+    takes one forward and one backward of Σ_i ℓ_i. A LoRA factor is a linear map
+    y = W x, so sample i's gradient is exactly G_i = Σ_t (∂ℓ_i/∂y_{i,t}) x_{i,t}ᵀ from
+    the factor's inputs and output gradients at its own tokens (each sample's
+    loss reaches only its own row; right padding after a causal model's tokens
+    gets zero output gradient), the per-example trick of Goodfellow (2015,
+    arXiv:1510.01799). When given, ``observe`` receives each chunk's mean gradient
+    by adapter key.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    causal_lm = lm.model.get_base_model()
-    decoder, head = causal_lm.model, causal_lm.lm_head
-    names = {id(p): n for n, p in decoder.named_parameters()}
     params = lm.parameters()
-    outside = [k for k, p in params.items() if id(p) not in names]
-    if outside:
-        raise ValueError(f"per_sample_fisher: LoRA outside the decoder: {outside[:2]}")
-    keys = {names[id(p)]: key for key, p in params.items()}
-    lora = {name: params[key].detach() for name, key in keys.items()}
-    device = next(iter(lora.values())).device
+    owner = {id(p): key for key, p in params.items()}
+    factors = {
+        owner[id(m.weight)]: m
+        for m in lm.model.modules()
+        if isinstance(m, torch.nn.Linear) and id(m.weight) in owner
+    }
+    missing = sorted(set(params) - set(factors))
+    if missing:
+        raise ValueError(f"per_sample_fisher: LoRA factors not in a linear layer: {missing[:2]}")
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def sample_loss(
-        params: dict[str, torch.Tensor], ids: torch.Tensor, pos: torch.Tensor, tgt: torch.Tensor
-    ) -> torch.Tensor:
-        out = functional_call(decoder, params, args=(), kwargs={"input_ids": ids[None]})
-        logits = head(out.last_hidden_state[0].index_select(0, pos))
-        nll = torch.nn.functional.cross_entropy(
-            logits.float(), tgt, ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        return nll / (tgt != IGNORE_INDEX).sum().clamp(min=1)
+    def keep(key: str) -> Callable[..., None]:
+        def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor):
+            seen[key] = (args[0].detach(), out)
 
-    per_sample_grads = vmap(grad(sample_loss), in_dims=(None, 0, 0, 0))
+        return hook
+
+    device = next(iter(params.values())).device
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     out = torch.zeros(len(examples), dtype=torch.float32, device=device)
-    with _scoring_mode(lm.model):
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            batch = collate([examples[i] for i in idx], pad_id)
-            pos, tgt = _target_positions(batch.labels)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                grads = per_sample_grads(
-                    lora, batch.input_ids.to(device), pos.to(device), tgt.to(device)
+    wanted = {key: p.requires_grad for key, p in params.items()}
+    handles = [m.register_forward_hook(keep(key)) for key, m in factors.items()]
+    try:
+        for p in params.values():
+            p.requires_grad_(True)  # so autograd reaches every factor, trainable or not
+        with _scoring_mode(lm.model):
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                seen.clear()
+                batch = collate([examples[i] for i in idx], pad_id).to(device)
+                nll, rows = target_nll(lm.model, batch)
+                total = torch.zeros(len(idx), device=device).index_add(0, rows, nll)
+                count = torch.zeros(len(idx), device=device).index_add_(
+                    0, rows, torch.ones_like(nll)
                 )
-            total = sum(g.float().pow(2).flatten(1).sum(1) for g in grads.values())
-            out[torch.tensor(idx, device=device)] = total
-            if observe is not None:
-                observe({keys[name]: g.float().mean(0) for name, g in grads.items()})
+                keys = list(seen)
+                outs = torch.autograd.grad(
+                    (total / count.clamp(min=1)).sum(), [seen[k][1] for k in keys]
+                )
+                chunk = {
+                    k: torch.einsum("bto,bti->boi", g.float(), seen[k][0].float())
+                    for k, g in zip(keys, outs, strict=True)
+                }
+                trace = sum(g.pow(2).flatten(1).sum(1) for g in chunk.values())
+                out[torch.tensor(idx, device=device)] = trace
+                if observe is not None:
+                    observe({k: g.mean(0) for k, g in chunk.items()})
+    finally:
+        for handle in handles:
+            handle.remove()
+        for key, p in params.items():
+            p.requires_grad_(wanted[key])
+        seen.clear()
     return out.cpu()
-
-
-def _target_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, the positions p whose next token is a target and those targets,
-    right-padded to the chunk's widest row (position 0, target ``IGNORE_INDEX``)."""
-    following = labels[:, 1:]
-    keep = following != IGNORE_INDEX
-    width = max(1, int(keep.sum(1).max()))
-    pos = torch.zeros(labels.shape[0], width, dtype=torch.long)
-    tgt = torch.full((labels.shape[0], width), IGNORE_INDEX, dtype=torch.long)
-    for row in range(labels.shape[0]):
-        where = keep[row].nonzero()[:, 0]
-        pos[row, : len(where)] = where
-        tgt[row, : len(where)] = following[row, where]
-    return pos, tgt
 
 
 @contextlib.contextmanager
 def _scoring_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode and eager attention for the duration of a scoring pass."""
-    base = model.get_base_model()
-    attn = getattr(base.config, "_attn_implementation", None)
+    """Eval mode (no dropout) for the duration of a scoring pass."""
     was_training = model.training
     model.eval()
-    if attn not in (None, "eager"):
-        base.set_attn_implementation("eager")
     try:
         yield
     finally:
-        if attn not in (None, "eager"):
-            base.set_attn_implementation(attn)
         model.train(was_training)
 
 
