@@ -269,11 +269,9 @@ def twin(cfg: ExperimentConfig, records: Path) -> Run | None:
     """A finished record of another experiment (or arm) whose config equals ``cfg``
     but for its name (module docstring, Records), as ``cfg``'s run, or None."""
     for saved in sorted(records.rglob("config.yaml")):
-        folder = saved.parent
-        if (folder / "summary.json").is_file() and same_run(
-            saved_config(saved), cfg, any_name=True
-        ):
-            return read_run(folder, cfg, any_name=True)
+        run = read_run(saved.parent, cfg, any_name=True)
+        if run is not None:
+            return run
     return None
 
 
