@@ -226,6 +226,25 @@ def test_upper_bounds_of_seeds_that_never_reached_the_target_can_refute_a_speed_
     assert "**inconclusive**" in open_  # bounds below 6 say nothing about ≥ 1
 
 
+def test_the_figure_at_the_baseline_time_ignores_evaluations_after_t():
+    from fedhet.experiments.runner import References, Results
+    from fedhet.experiments.tables import at_baseline_time, final
+
+    exp = Experiment("x", REPO / "configs" / "s-cls-smoke.yaml", [Arm("base"), Arm("hier")],
+                     seeds=[0, 1])
+    # a run that ends with the round that crosses T = 80: its final row is at 86 s
+    hier = {s: _fake_run("hier", s, [(0, 0.5), (76, 0.7), (86, 0.8)]) for s in range(2)}
+    late = {0: _fake_run("hier", 0, [(90, 0.9)])}  # no evaluation by T
+    refs = {0: References(2.0, 0.9, 1.0, 80.0), 1: References(2.0, 0.9, 1.0, 86.0)}
+    results = Results(exp, {"base": {}, "hier": hier}, refs, 0.0)
+    at_t = at_baseline_time(results, "option_ce")
+    assert final("option_ce")(hier[0]) == 0.8
+    assert at_t(hier[0]) == 0.7  # the 86 s row lies past seed 0's T
+    assert at_t(hier[1]) == 0.8  # seed 1's T is 86 s: the row at T counts
+    assert at_t(late[0]) is None
+    assert at_t(_fake_run("hier", 5, [(0, 0.5)])) is None  # a seed without references
+
+
 def test_a_record_of_another_config_is_replaced_not_kept(tmp_path):
     from fedhet.config import dump_config, load_config
     from fedhet.experiments.runner import keep_record, read_run
@@ -272,15 +291,16 @@ def test_a_variant_gets_its_own_key_and_shares_identical_runs(tmp_path):
     from fedhet.experiments import script
     from fedhet.experiments.runner import finished
 
-    def key(budget: str = "protocol", *sets: str) -> str:
+    def key(budget: str = "protocol", *sets: str, seeds: tuple[int, ...] = (0, 1, 2)) -> str:
         args = argparse.Namespace(
-            config=None, scenario="s-cls", size="smoke", overrides=list(sets), seeds=[0],
+            config=None, scenario="s-cls", size="smoke", overrides=list(sets), seeds=list(seeds),
             budget=budget, central=False, data_dir=None, records=None, no_records=True,
         )
         return script.experiment(args, "exp_x", [Arm("fedit")], "fedit").key
 
     assert key() == "exp_x-s-cls-smoke" == key("protocol", "output_dir=/tmp/r")
     assert key("time") == "exp_x-s-cls-smoke-at-T"
+    assert key("time", seeds=(0, 1, 2, 3)) == "exp_x-s-cls-smoke-at-T-seeds-0-1-2-3"
     lr = key("protocol", "train.lr=1e-3")
     assert lr.startswith("exp_x-s-cls-smoke-set-") and lr != key("protocol", "train.lr=3e-4")
     # a record kept by another experiment with the same config but for its name is reused

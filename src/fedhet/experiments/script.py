@@ -30,6 +30,7 @@ from fedhet.reports.results import RESULTS, write_section
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 RECORDS = CONFIGS.parent / "benchmarks" / "records"
+PROTOCOL_SEEDS = (0, 1, 2)  # PROTOCOL v2: "seeds 0, 1, 2 at least"
 
 
 def parser(description: str, scenario: str, default_size: str = "cpu") -> argparse.ArgumentParser:
@@ -38,7 +39,7 @@ def parser(description: str, scenario: str, default_size: str = "cpu") -> argpar
     ap.add_argument("--size", choices=("smoke", "cpu", "gpu"), default=default_size)
     ap.add_argument("--config", type=Path, default=None, help=f"default: {scenario}-<size>.yaml")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(PROTOCOL_SEEDS))
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--table-only", action="store_true")
@@ -71,12 +72,16 @@ def experiment(
     options (seeds, ``--set`` overrides then ``overrides``, budget, data folder,
     central). A variant of the scenario gets its own key, hence its own runs, records
     and RESULTS.md section, never replacing the scenario's: ``-at-T`` for the
-    ``time`` budget, ``-set-<hash>`` for ``--set`` overrides (but ``output_dir``).
-    Runs that are the same computation are still shared (the runner's twins)."""
+    ``time`` budget, ``-seeds-<s>-…`` for seeds other than PROTOCOL's 0, 1, 2 (e.g.
+    more seeds for an undecided claim), ``-set-<hash>`` for ``--set`` overrides (but
+    ``output_dir``). Runs that are the same computation are still shared (the runner's
+    twins), so the section of seeds 0–4 reuses the runs of seeds 0–2."""
     config = config_path(args)
     key = f"{name}-{config.stem}"
     if args.budget == "time":
         key += "-at-T"
+    if list(args.seeds) != list(PROTOCOL_SEEDS):
+        key += "-seeds-" + "-".join(map(str, args.seeds))
     changes = sorted(o for o in args.overrides if not o.startswith("output_dir="))
     if changes:
         key += "-set-" + hashlib.sha1("\n".join(changes).encode()).hexdigest()[:6]
@@ -125,6 +130,8 @@ def publish(
 ) -> Path:
     """Write the experiment's section (named after its key) with its plot."""
     exp = results.experiment
+    if exp.budget == "time":
+        title += ", every arm to the baseline's virtual time T"
     where = (args.out or RESULTS).parent
     figure = None
     if any(results.runs.values()):

@@ -84,6 +84,23 @@ def final(key: str, scale: float = 1.0) -> Value:
     return value
 
 
+def at_baseline_time(results: Results, key: str, scale: float = 1.0) -> Value:
+    """The last evaluated ``global_<key>`` of a run at a virtual time ≤ its seed's
+    baseline time T (× ``scale``): with the ``time`` budget a run ends with the round
+    that reaches T, so its final figure may come up to one round after T; this one
+    never does (it may come up to one evaluation interval before T)."""
+    refs = results.references
+
+    def value(run: Run) -> float | None:
+        if run.seed not in refs:
+            return None
+        limit = refs[run.seed].baseline_time * (1 + 1e-9)
+        rows = [r for r in run.evaluated(key) if r.get("virtual_time", 0.0) <= limit]
+        return rows[-1][f"global_{key}"] * scale if rows else None
+
+    return value
+
+
 def summary(key: str, scale: float = 1.0) -> Value:
     return lambda run: None if run.summary.get(key) is None else run.summary[key] * scale
 
@@ -386,7 +403,8 @@ def report(
         "until the target, the baseline's virtual time T or 4× its client updates",
         "time": "the baseline's budget as configured; every other arm until the "
         "baseline's virtual time T or 4× its client updates (no stop at the target: "
-        "final figures at equal virtual time)",
+        "final figures at about equal virtual time; a run ends with the round or arrival "
+        "that reaches T, so it may run up to one round past T)",
         "equal": "every arm the configured budget",
     }[exp.budget]
     lines = [
