@@ -82,14 +82,15 @@ NOTES = [
 
 def main() -> None:
     ap = script.parser(__doc__.split("\n")[0], "s-cls")
-    ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    script.add_arms(ap, list(ARMS))
     ap.add_argument("--no-stress", action="store_true", help="skip the edge-mix pair")
     args = ap.parse_args()
     plans = [("exp_async", args.arms, [])]
     if not args.no_stress:
         plans.append(("exp_async-edge-mix", list(STRESS), ["fleet.name=edge-mix"]))
-    for name, names, fleet in plans:
-        arms = [Arm(arm, ARMS[arm]) for arm in names]
+    for name, wanted, fleet in plans:
+        arms = script.chosen([Arm(arm, spec) for arm, spec in ARMS.items()], wanted, "fedit")
+        names = [arm.name for arm in arms]
         exp = script.experiment(args, name, arms, "fedit", fleet)
         results = script.run(exp, args)
         fleet_name = "edge-mix" if fleet else "the config's"

@@ -114,11 +114,12 @@ def total_bytes(run: Run) -> float:
 
 def main() -> None:
     ap = script.parser(__doc__.split("\n")[0], "s-cls")
-    ap.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ABLATIONS))
+    script.add_arms(ap, list(ABLATIONS), DEFAULT_ARMS)
     ap.set_defaults(budget="equal")  # the claims compare bytes and accuracy at equal rounds
     args = ap.parse_args()
-    names = ["fedit", *(a for a in args.arms if a != "fedit")]
-    arms = [Arm(name, ABLATIONS[name], CountingSimulation) for name in names]
+    every = [Arm(name, overrides, CountingSimulation) for name, overrides in ABLATIONS.items()]
+    arms = script.chosen(every, args.arms, "fedit")
+    names = [arm.name for arm in arms]
     exp = script.experiment(args, "exp_fibecfed", arms, "fedit")
     results = script.run(exp, args)
     ttt = time_to_target(results)

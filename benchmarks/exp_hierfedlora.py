@@ -121,8 +121,7 @@ def group_bytes(key: str):
 
 def main() -> None:
     ap = script.parser(__doc__.split("\n", 1)[0], "s-cls-agnews-hierfedlora")
-    ap.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS,
-                    help="the arms to run or tabulate (FedIT, the baseline, always)")
+    script.add_arms(ap, ARMS)
     args = ap.parse_args()
     config = script.config_path(args)
     base = load_config(config, args.overrides)
@@ -142,7 +141,7 @@ def main() -> None:
         "hier-tau1": ("strategy.params.taus=[1]",),
         "hier-fulldepth": ("strategy.params.full_depth=true",),
     }
-    arms = [Arm(name, every[name]) for name in ARMS if name == "fedit" or name in args.arms]
+    arms = script.chosen([Arm(name, every[name]) for name in ARMS], args.arms, "fedit")
     exp = script.experiment(args, "exp_hierfedlora", arms, "fedit", [everyone])
     results = script.run(exp, args)
     ttt = time_to_target(results)

@@ -4,6 +4,8 @@ run → table → RESULTS.md section sequence.
     --size S | --config FILE   the scenario (``configs/<scenario>-<S>.yaml``)
     --set KEY=VALUE            overrides for every arm (repeatable)
     --seeds 0 1 2              seeds (default: PROTOCOL v2's 0, 1, 2)
+    --arms A B                 where the script offers it (:func:`add_arms`): these arms
+                               and the baseline
     --jobs N                   worker processes, one thread each (default 1)
     --budget protocol|time|equal  PROTOCOL v2's chase budget; the same without the stop
                                at the target (every arm to the baseline's virtual time
@@ -55,6 +57,18 @@ def parser(description: str, scenario: str, default_size: str = "cpu") -> argpar
     ap.add_argument("--no-records", action="store_true", help="keep no records")
     ap.set_defaults(scenario=scenario)
     return ap
+
+
+def add_arms(ap: argparse.ArgumentParser, names: Sequence[str],
+             default: Sequence[str] | None = None) -> None:
+    """The ``--arms`` option of a script whose arms are ``names``."""
+    ap.add_argument("--arms", nargs="+", choices=list(names), default=list(default or names),
+                    help="the arms to run or tabulate (the baseline always)")
+
+
+def chosen(arms: Sequence[Arm], names: Sequence[str], baseline: str) -> list[Arm]:
+    """``arms`` (in their order) that are the baseline or named in ``names``."""
+    return [arm for arm in arms if arm.name == baseline or arm.name in names]
 
 
 def config_path(args: argparse.Namespace) -> Path:
